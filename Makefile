@@ -1,0 +1,35 @@
+# Set-up is two commands: `make demo` and `make test`. Both create .venv at the repo root.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit bench clean
+
+install: $(STAMP)
+
+# torch first (pinned: the local CPU wheel), then DeepSpeed without build isolation so its
+# setup.py sees that torch instead of pulling a CUDA build into an isolated build env.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/csl demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: install
+	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/loss_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Training, the loss zoo, metrics, the prior pass and the `csl` command line."""
