@@ -1,0 +1,272 @@
+"""Writing shards: records in, complete tar shards and a manifest out.
+
+Guarantees, in the order a crash could break them:
+1. A shard is assembled in a local temporary file, hashed while it is written, and only then
+   published under its final name (rename, or one upload): no half shard is ever visible.
+2. Re-running a conversion into the same root first removes the old `dataset.json`, so from
+   that moment the root reads as "incomplete", never as a mix of old and new shards.
+3. `dataset.json` is written last, once every shard is published; shard files the new manifest
+   does not list (left by an older, larger conversion) are removed after it.
+
+Tars are written with the standard `tarfile` module with fixed metadata (mtime 0, uid 0), so
+the same records give byte-identical shards and the same sha256.
+
+Parallelism lives in the sources (decode, resize, draw, encode), through `parallel_map`; the
+writer is sequential I/O of bytes that are already encoded, which is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import tarfile
+import tempfile
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+from .format import (
+    IMAGE_EXTS,
+    ClassInfo,
+    Manifest,
+    Record,
+    ShardInfo,
+    SplitInfo,
+    SplitStats,
+    SplitTruth,
+    encode_labels,
+    validate_key,
+    validate_labels,
+)
+from .storage import get_fs, is_remote, join, publish_file, remove, write_manifest
+
+__all__ = ["ShardWriter", "write_dataset", "parallel_map", "shard_name"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d{6}\.tar$")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/{split}-{index:06d}.tar"
+
+
+class _HashingFile(io.RawIOBase):
+    """File wrapper that hashes and counts what passes through it."""
+
+    def __init__(self, f: io.BufferedWriter):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return self._f.write(b)
+
+
+class ShardWriter:
+    """Writes one split's shards, rolling by sample count and by a byte cap."""
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        num_classes: int,
+        max_samples: int = 1000,
+        max_bytes: int = 1 << 30,
+    ):
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if not re.match(r"^[A-Za-z0-9_]+$", split):
+            raise ValueError(f"split name {split!r}: use letters, digits and '_' only")
+        self.root, self.split, self.num_classes = root, split, num_classes
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.shards: list[ShardInfo] = []
+        self.pos_counts = np.zeros(num_classes, dtype=np.int64)
+        self.neg_counts = np.zeros(num_classes, dtype=np.int64)
+        self.true_counts = np.zeros(num_classes, dtype=np.int64)
+        self.samples = 0
+        self.samples_with_truth = 0
+        self._keys_in_shard: set[str] = set()
+        self._tar: tarfile.TarFile | None = None
+        self._tmp_path = ""
+        self._raw: io.BufferedWriter | None = None
+        self._hash: _HashingFile | None = None
+        self._count = 0
+        self._staging = None if not is_remote(root) else tempfile.mkdtemp(prefix="csl-shard-")
+
+    def _open(self) -> None:
+        final = join(self.root, shard_name(self.split, len(self.shards)))
+        folder = self._staging or os.path.dirname(os.path.abspath(final))
+        os.makedirs(folder, exist_ok=True)
+        fd, self._tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=folder)
+        self._raw = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._hash = _HashingFile(self._raw)
+        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[arg-type]
+        self._count = 0
+        self._keys_in_shard = set()
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        assert self._tar is not None
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, rec: Record) -> None:
+        where = f"sample {rec.key!r}"
+        validate_key(rec.key)
+        pos, neg, true = validate_labels(rec.pos, rec.neg, self.num_classes, where, rec.true)
+        ext = rec.ext.lower().lstrip(".")
+        if ext not in IMAGE_EXTS:
+            raise ValueError(f"{where}: image extension {rec.ext!r} not one of {IMAGE_EXTS}")
+        if self._tar is None:
+            self._open()
+        if rec.key in self._keys_in_shard:
+            raise ValueError(f"{where}: duplicate key in shard {shard_name(self.split, len(self.shards))}")
+        self._keys_in_shard.add(rec.key)
+        rec = Record(rec.key, rec.image, pos, neg, ext, true, rec.source, rec.extra)
+        self._add(f"{rec.key}.{ext}", rec.image)
+        self._add(f"{rec.key}.json", encode_labels(rec))
+        for member_ext, data in rec.extra.items():
+            self._add(f"{rec.key}.{member_ext}", data)
+        self.pos_counts[pos] += 1
+        self.neg_counts[neg] += 1
+        if true is not None:
+            self.true_counts[true] += 1
+            self.samples_with_truth += 1
+        self.samples += 1
+        self._count += 1
+        assert self._hash is not None
+        if self._count >= self.max_samples or self._hash.nbytes >= self.max_bytes:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        assert self._tar is not None and self._raw is not None and self._hash is not None
+        self._tar.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        os.chmod(self._tmp_path, 0o644)
+        rel = shard_name(self.split, len(self.shards))
+        publish_file(self._tmp_path, join(self.root, rel))
+        self.shards.append(
+            ShardInfo(path=rel, samples=self._count, bytes=self._hash.nbytes, sha256=self._hash.sha.hexdigest())
+        )
+        self._tar = None
+
+    def abort(self) -> None:
+        """Drop the shard in progress; published shards stay but no manifest will list them."""
+        if self._raw is not None and not self._raw.closed:
+            self._raw.close()
+        if self._tmp_path and os.path.exists(self._tmp_path):
+            os.unlink(self._tmp_path)
+        self._tar = None
+
+    def close(self) -> tuple[SplitInfo, SplitStats, SplitTruth | None]:
+        if self._tar is not None:
+            self._finish_shard()
+        if self._staging:
+            os.rmdir(self._staging)
+        info = SplitInfo(samples=self.samples, shards=self.shards)
+        stats = SplitStats(pos=self.pos_counts.tolist(), neg=self.neg_counts.tolist())
+        truth = None
+        if self.samples and self.samples_with_truth == self.samples:
+            truth = SplitTruth(freq=(self.true_counts / self.samples).tolist())
+        return info, stats, truth
+
+
+def _stale_shards(root: str, split: str, keep: set[str]) -> list[str]:
+    fs, path = get_fs(join(root, split))
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for full in names:
+        base = full.rstrip("/").rsplit("/", 1)[-1]
+        m = _SHARD_RE.match(base)
+        if (m and m.group("split") == split and f"{split}/{base}" not in keep) or base.startswith(".tmp-"):
+            out.append(join(root, split, base))
+    return out
+
+
+def write_dataset(
+    root: str,
+    classes: Sequence[ClassInfo],
+    splits: dict[str, Iterable[Record]],
+    *,
+    shard_samples: int = 1000,
+    max_bytes: int = 1 << 30,
+    truth: dict[str, list[float]] | None = None,
+    meta: dict[str, object] | None = None,
+) -> Manifest:
+    """Write every split's records as shards, then `dataset.json`, then tidy stale shards.
+
+    `truth` overrides the per-class frequency computed from records' `true` lists (for sources
+    that know it analytically); without either, the split has no truth entry.
+    """
+    remove(join(root, "dataset.json"))
+    num_classes = len(classes)
+    infos: dict[str, SplitInfo] = {}
+    stats: dict[str, SplitStats] = {}
+    truths: dict[str, SplitTruth] = {}
+    for split, records in splits.items():
+        w = ShardWriter(root, split, num_classes, shard_samples, max_bytes)
+        try:
+            for rec in records:
+                w.write(rec)
+        except BaseException:
+            w.abort()
+            raise
+        infos[split], stats[split], t = w.close()
+        if truth and split in truth:
+            t = SplitTruth(freq=list(truth[split]))
+        if t is not None:
+            truths[split] = t
+    manifest = Manifest(classes=list(classes), splits=infos, stats=stats, truth=truths, meta=meta or {})
+    write_manifest(root, manifest)
+    for split, info in infos.items():
+        for url in _stale_shards(root, split, {s.path for s in info.shards}):
+            log.info("removing stale shard %s", url)
+            remove(url)
+    return manifest
+
+
+def parallel_map(
+    fn: Callable[[T], R], items: Iterable[T], workers: int = 0, window: int | None = None
+) -> Iterator[R]:
+    """Ordered map over a process pool with a bounded number of items in flight.
+
+    `Pool.imap` reads its whole input ahead, which for a tens-of-millions-row source means
+    unbounded memory; here at most `window` items are pending. workers=0 runs in-process.
+    """
+    if workers <= 0:
+        for item in items:
+            yield fn(item)
+        return
+    window = window or workers * 4
+    pending: deque[Future[R]] = deque()
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        for item in items:
+            pending.append(ex.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
