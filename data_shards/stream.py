@@ -1,0 +1,431 @@
+"""The stream training reads: deterministic, rank-balanced, exactly resumable batches.
+
+`ShardStream(root, split, batch_size=..., image_size=..., rank=..., world_size=...)` yields
+dicts {"image": float32 [b, 3, S, S], "target": int8 [b, C] in {1, -1, 0}, "key": [str],
+"shard": int64 [b], "index": int64 [b]}. Which samples go where is decided by the pure plan of
+`partition.py` (read its docstring first); this module executes it.
+
+Reading. Each DataLoader worker streams the shards of its plan in order through fsspec
+(`storage.open_file`: local paths, s3:// through s3fs with botocore retries, any other URL) and
+the standard `tarfile` stream reader, grouping consecutive members by key the way webdataset
+does (`<key>.<ext>`, key up to the first dot of the base name). Only the image (`.jpg`,
+`.jpeg`, `.png`, `.webp`) and `.json` members are read; everything else is skipped unread and
+nothing is ever unpickled, whatever a member's extension. webdataset's own pipeline is not used
+because its decoders would unpickle `.pyd`/`.pkl` members and its error handling cannot say
+which planned sample was lost; a sample's index is its order of appearance in the shard, which
+is what the plan addresses. Opening a shard retries transient OSErrors with back-off, and an
+OSError in the middle of a stream reopens the shard and skips to where it was.
+
+Resume cost. A worker restarting mid-epoch opens only the shard holding the first sample it
+still needs, streams (without keeping or decoding) that shard's prefix, then reads the current
+shuffle window, decoding only samples not yet handed out. With `shuffle_buffer` no larger than
+a shard that is at most about two shards of reading per worker and zero wasted decodes, never a
+replay of the epoch.
+
+The cursor counts batches handed out by the main-process iterator, not what workers prefetched:
+`state_dict()` == {"epoch", "batch", ...plan settings}. Ranks yield equal batch counts, so one
+rank's cursor is valid for all ranks. After the last batch of an epoch the cursor moves to
+(epoch + 1, 0), so iterating again (or `set_epoch(epoch + 1)`) starts the next epoch. Restoring
+a cursor mid-epoch with another world size, batch size, worker count, shuffle setting or seed
+raises `ResumeError` (the order would change); at an epoch boundary any change is allowed.
+
+Corrupt data. Policy "skip" (default) drops a sample whose image does not decode, whose labels
+are not valid JSON or break the contract, whose members are missing, or which a truncated tar
+lost; it is logged with shard and key and counted (`corrupt_samples`, summed across worker
+processes through a per-batch count). Its batch is one smaller; batch counts never change, and
+a batch with nothing left raises. Policy "fail" raises `CorruptSampleError` naming shard and
+key. A shard that cannot be opened at all raises `ShardReadError` under either policy: missing
+data is an infrastructure failure, not a bad sample to train around.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .decode import ImageDecodeError, decode_image, flip_mask, to_tensor
+from .format import IMAGE_EXTS, LabelError, Manifest, decode_labels, targets_from_sparse
+from .partition import (
+    WorkerPlan,
+    consumed_batches,
+    num_batches,
+    plan_worker_for,
+    worker_plan,
+)
+from .storage import join, open_file, read_manifest
+
+__all__ = [
+    "ShardStream",
+    "CorruptSampleError",
+    "ResumeError",
+    "ShardReadError",
+    "iter_shard",
+]
+
+log = logging.getLogger(__name__)
+
+_WANTED = frozenset(IMAGE_EXTS) | {"json"}
+_PLAN_FIELDS = ("seed", "world_size", "batch_size", "num_workers", "shuffle", "shuffle_buffer", "samples", "shards")
+
+
+class CorruptSampleError(ValueError):
+    """A sample (or a batch of them) that cannot be used; the message names shard and key."""
+
+
+class ResumeError(ValueError):
+    """A cursor that cannot be restored exactly into this stream's settings."""
+
+
+class ShardReadError(OSError):
+    """A shard that cannot be opened or read after retries."""
+
+
+@dataclass(slots=True)
+class _Raw:
+    key: str | None
+    members: dict[str, bytes]
+    error: str | None = None
+    logged: bool = False
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    # Same rule as webdataset's base_plus_ext: the key runs to the first dot of the base name.
+    base_at = name.rfind("/") + 1
+    dot = name.find(".", base_at)
+    if dot <= base_at:
+        return None, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def _open(url: str, retries: int) -> Any:
+    for attempt in range(retries + 1):
+        try:
+            return open_file(url)
+        except (FileNotFoundError, PermissionError) as e:
+            raise ShardReadError(f"shard {url}: cannot open ({type(e).__name__}: {e})") from None
+        except OSError as e:
+            if attempt == retries:
+                raise ShardReadError(f"shard {url}: cannot open after {retries + 1} attempts ({e})") from e
+            time.sleep(min(0.5 * 2**attempt, 8.0))
+    raise AssertionError("unreachable")
+
+
+def _groups(f: Any, start: int, stop: int, max_member_bytes: int) -> Iterator[tuple[int, _Raw]]:
+    """(index, raw) for member groups start..stop-1; groups before start are skipped unread."""
+    tf = tarfile.open(fileobj=f, mode="r|")
+    g, cur = -1, None
+    for ti in tf:
+        tf.members = []  # a streaming TarFile otherwise keeps every header it has seen
+        if not ti.isreg():
+            continue
+        key, ext = _split_name(ti.name)
+        if key is None:
+            continue
+        if cur is None or key != cur.key:
+            if cur is not None and g >= start:
+                yield g, cur
+            g, cur = g + 1, _Raw(key, {})
+            if g >= stop:
+                return
+        if g < start or ext not in _WANTED:
+            continue  # tarfile skips the data of members we do not extract
+        if ext in cur.members:
+            cur.error = f"duplicate member {ti.name!r}"
+        elif ti.size > max_member_bytes:
+            cur.error = f"member {ti.name!r} is {ti.size} bytes (limit {max_member_bytes})"
+        else:
+            fobj = tf.extractfile(ti)
+            assert fobj is not None
+            cur.members[ext] = fobj.read()
+    if cur is not None and start <= g < stop:
+        yield g, cur
+
+
+def iter_shard(
+    url: str, start: int, stop: int, *, max_member_bytes: int = 64 << 20, retries: int = 3
+) -> Iterator[tuple[int, _Raw]]:
+    """Samples start..stop-1 of a shard, each exactly once and in order.
+
+    Samples a corrupt or truncated tar lost (or that the shard simply lacks) come out with
+    `error` set, so the caller's policy sees every planned sample.
+    """
+    nxt, attempt, lost = start, 0, None
+    last_key: str | None = None
+    while nxt < stop:
+        f = _open(url, retries)
+        try:
+            for i, raw in _groups(f, nxt, stop, max_member_bytes):
+                nxt, last_key = i + 1, raw.key
+                yield i, raw
+            if nxt < stop:
+                lost = f"tar ends after {nxt} samples (after key {last_key!r}), manifest says at least {stop}"
+            break
+        except tarfile.TarError as e:
+            lost = f"tar is corrupt or truncated after sample {nxt} (after key {last_key!r}): {e}"
+            break
+        except OSError as e:
+            attempt += 1
+            if attempt > retries:
+                raise ShardReadError(f"shard {url}: read failed after {retries} retries at sample {nxt} ({e})") from e
+            log.warning("shard %s: read error at sample %d (%s); reopening", url, nxt, e)
+            time.sleep(min(0.5 * 2**attempt, 8.0))
+        finally:
+            f.close()
+    if nxt < stop:
+        log.warning("shard %s: %s; %d planned samples lost", url, lost, stop - nxt)
+        for i in range(nxt, stop):
+            yield i, _Raw(None, {}, lost, logged=True)
+
+
+@dataclass(frozen=True)
+class _Config:
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+    num_classes: int
+    batch_size: int
+    image_size: int
+    rank: int
+    world_size: int
+    num_workers: int
+    seed: int
+    shuffle: bool
+    train_transform: bool
+    shuffle_buffer: int
+    corrupt: str
+    max_member_bytes: int
+
+
+class _ShardDataset(IterableDataset):
+    """Runs in each DataLoader worker: executes that worker's plan from `start_batch` on."""
+
+    def __init__(self, cfg: _Config):
+        self.cfg = cfg
+        self.epoch = 0
+        self.start_batch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        c = self.cfg
+        info = get_worker_info()
+        loader_worker, loader_workers = (info.id, info.num_workers) if info else (0, 1)
+        assert loader_workers == max(1, c.num_workers), "DataLoader worker count differs from the plan"
+        pw = plan_worker_for(loader_worker, self.start_batch, c.num_workers)
+        plan = worker_plan(
+            c.counts, rank=c.rank, world_size=c.world_size, worker=pw, num_workers=c.num_workers,
+            batch_size=c.batch_size, epoch=self.epoch, seed=c.seed, shuffle=c.shuffle,
+            shuffle_buffer=c.shuffle_buffer,
+        )
+        return self._run(plan, consumed_batches(self.start_batch, pw, c.num_workers))
+
+    def _positions(self, plan: WorkerPlan, first: int) -> Iterator[tuple[int, int, int, _Raw]]:
+        """(worker position, shard, sample index, raw) from position `first` on."""
+        pos = 0
+        for shard, lo, hi in plan.segments.tolist():
+            n = hi - lo
+            if pos + n <= first:
+                pos += n  # never opened: wholly before the resume point
+                continue
+            skip = max(0, first - pos)
+            for idx, raw in iter_shard(self.cfg.urls[shard], lo + skip, hi, max_member_bytes=self.cfg.max_member_bytes):
+                yield pos + idx - lo, shard, idx, raw
+            pos += n
+
+    def _run(self, plan: WorkerPlan, consumed: int) -> Iterator[dict[str, Any]]:
+        if consumed >= len(plan.batch_sizes):
+            return
+        s = int(plan.batch_sizes[:consumed].sum())
+        todo = plan.order[s:]
+        needed = np.zeros(plan.num_samples, dtype=bool)
+        needed[todo] = True
+        sizes = plan.batch_sizes[consumed:]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        last_needed = np.maximum.reduceat(todo, offsets[:-1])
+        reader = self._positions(plan, int(todo.min()))
+        buf: dict[int, tuple[int, int, _Raw]] = {}
+        read_upto = 0
+        for t, bid in enumerate(plan.batch_ids[consumed:].tolist()):
+            while read_upto <= last_needed[t]:
+                p, shard, idx, raw = next(reader)
+                if needed[p]:
+                    buf[p] = (shard, idx, raw)
+                read_upto = p + 1
+            yield self._assemble([buf.pop(p) for p in todo[offsets[t] : offsets[t + 1]].tolist()], bid)
+
+    def _assemble(self, items: list[tuple[int, int, _Raw]], batch_id: int) -> dict[str, Any]:
+        c = self.cfg
+        images, pos, neg, keys, shards, idxs = [], [], [], [], [], []
+        corrupt = 0
+        for shard, idx, raw in items:
+            where = f"shard {c.urls[shard]} sample {raw.key!r}" if raw.key else f"shard {c.urls[shard]} sample #{idx}"
+            try:
+                if raw.error:
+                    raise CorruptSampleError(f"{where}: {raw.error}")
+                image = next((raw.members[e] for e in IMAGE_EXTS if e in raw.members), None)
+                if image is None or "json" not in raw.members:
+                    raise CorruptSampleError(f"{where}: needs an image member and a .json member")
+                p, n, _ = decode_labels(raw.members["json"], c.num_classes, where)
+                try:
+                    img = decode_image(image, c.image_size)
+                except ImageDecodeError as e:
+                    raise CorruptSampleError(f"{where}: {e}") from None
+            except (CorruptSampleError, LabelError) as e:
+                if c.corrupt == "fail":
+                    raise CorruptSampleError(str(e)) from None
+                if not raw.logged:
+                    log.warning("skipping corrupt sample: %s", e)
+                corrupt += 1
+                continue
+            images.append(img)
+            pos.append(p)
+            neg.append(n)
+            keys.append(raw.key)
+            shards.append(shard)
+            idxs.append(idx)
+        if not keys:
+            names = sorted({c.urls[s] for s, _, _ in items})
+            raise CorruptSampleError(
+                f"rank {c.rank} batch {batch_id}: all {len(items)} samples are corrupt (shards: {', '.join(names)})"
+            )
+        shard_t, idx_t = np.asarray(shards, dtype=np.int64), np.asarray(idxs, dtype=np.int64)
+        flip = flip_mask(c.seed, self.epoch, shard_t, idx_t) if c.train_transform else None
+        return {
+            "image": to_tensor(np.stack(images), flip),
+            "target": torch.from_numpy(targets_from_sparse(pos, neg, c.num_classes)),
+            "key": keys,
+            "shard": torch.from_numpy(shard_t),
+            "index": torch.from_numpy(idx_t),
+            "corrupt": corrupt,
+        }
+
+
+class ShardStream:
+    """Batches of one split for one rank; iterate it once per epoch (see the module docstring).
+
+    `num_workers` DataLoader processes decode in parallel (0: in-process). Not re-entrant: one
+    iteration at a time.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        *,
+        batch_size: int,
+        image_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        train_transform: bool = True,
+        shuffle_buffer: int = 1000,
+        corrupt: Literal["skip", "fail"] = "skip",
+        manifest: Manifest | None = None,
+        prefetch_factor: int = 2,
+        max_member_bytes: int = 64 << 20,
+    ):
+        if corrupt not in ("skip", "fail"):
+            raise ValueError(f"corrupt policy {corrupt!r}: use 'skip' or 'fail'")
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if num_workers < 0 or shuffle_buffer < 1 or prefetch_factor < 1:
+            raise ValueError("num_workers must be >= 0, shuffle_buffer and prefetch_factor >= 1")
+        self.root, self.split = root, split
+        self.manifest = manifest if manifest is not None else read_manifest(root)
+        info = self.manifest.split(split)
+        counts = tuple(s.samples for s in info.shards)
+        self._num_batches = num_batches(sum(counts), world_size, batch_size)
+        self._cfg = _Config(
+            urls=tuple(join(root, *s.path.split("/")) for s in info.shards), counts=counts,
+            num_classes=self.manifest.num_classes, batch_size=batch_size, image_size=image_size,
+            rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
+            train_transform=train_transform, shuffle_buffer=shuffle_buffer, corrupt=corrupt,
+            max_member_bytes=max_member_bytes,
+        )
+        self._dataset = _ShardDataset(self._cfg)
+        self.prefetch_factor = prefetch_factor
+        self._epoch = 0
+        self._batch = 0
+        self.corrupt_samples = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self._cfg.num_classes
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        return self._num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to `epoch` from its start; the current epoch keeps its cursor (resume loops)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self._epoch:
+            self._epoch, self._batch = epoch, 0
+
+    def _plan_settings(self) -> dict[str, Any]:
+        c = self._cfg
+        return {
+            "seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size,
+            "num_workers": max(1, c.num_workers), "shuffle": c.shuffle, "shuffle_buffer": c.shuffle_buffer,
+            "samples": sum(c.counts), "shards": len(c.counts),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "split": self.split, "epoch": self._epoch, "batch": self._batch,
+                "rank": self._cfg.rank, "corrupt": self.corrupt_samples, **self._plan_settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            epoch, batch = int(state["epoch"]), int(state["batch"])
+        except (KeyError, TypeError, ValueError):
+            raise ResumeError(f"stream state needs integer 'epoch' and 'batch', got {state!r}") from None
+        if epoch < 0 or batch < 0:
+            raise ResumeError(f"stream state has negative epoch/batch: {epoch}/{batch}")
+        if batch > 0:
+            mine = self._plan_settings()
+            diff = [f"{k} {state.get(k)!r} -> {mine[k]!r}" for k in _PLAN_FIELDS if state.get(k) != mine[k]]
+            if diff:
+                raise ResumeError(
+                    f"cannot resume mid-epoch (epoch {epoch}, batch {batch}): {', '.join(diff)} changes the "
+                    "order of the epoch; keep these settings, or restart the epoch (set 'batch' to 0)"
+                )
+            if batch > self._num_batches:
+                raise ResumeError(f"stream state batch {batch} beyond the {self._num_batches} batches of an epoch")
+        if batch == self._num_batches:
+            epoch, batch = epoch + 1, 0
+        self._epoch, self._batch = epoch, batch
+        self.corrupt_samples = int(state.get("corrupt", 0))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        k = self._num_batches
+        self._dataset.epoch, self._dataset.start_batch = self._epoch, self._batch
+        nw = self._cfg.num_workers
+        loader = DataLoader(
+            self._dataset, batch_size=None, num_workers=nw, persistent_workers=False,
+            prefetch_factor=self.prefetch_factor if nw else None, pin_memory=False,
+        )
+        expect = k - self._batch
+        got = 0
+        for batch in loader:
+            got += 1
+            assert got <= expect, "a worker yielded more batches than its plan"
+            self.corrupt_samples += int(batch.pop("corrupt"))
+            self._batch += 1
+            if self._batch == k:
+                self._epoch, self._batch = self._epoch + 1, 0
+            yield batch
+        if got != expect:
+            raise RuntimeError(f"stream ended after {got} of {expect} batches (a worker stopped early)")
