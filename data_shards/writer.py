@@ -216,12 +216,18 @@ def write_dataset(
     max_bytes: int = 1 << 30,
     truth: dict[str, list[float]] | None = None,
     meta: dict[str, object] | None = None,
+    keep: Manifest | None = None,
 ) -> Manifest:
     """Write every split's records as shards, then `dataset.json`, then tidy stale shards.
 
     `truth` overrides the per-class frequency computed from records' `true` lists (for sources
     that know it analytically); without either, the split has no truth entry.
+    `keep` (usually the root's previous manifest) carries its splits that are not written here
+    into the new manifest, so one split can be converted at a time; its meta is the base that
+    `meta` updates.
     """
+    if keep is not None and [c.id for c in keep.classes] != [c.id for c in classes]:
+        raise ValueError("write_dataset: the kept manifest's classes differ from the classes being written")
     remove(join(root, "dataset.json"))
     num_classes = len(classes)
     infos: dict[str, SplitInfo] = {}
@@ -240,6 +246,14 @@ def write_dataset(
             t = SplitTruth(freq=list(truth[split]))
         if t is not None:
             truths[split] = t
+    if keep is not None:
+        for split in [s for s in keep.splits if s not in infos]:
+            infos[split] = keep.splits[split]
+            if split in keep.stats:
+                stats[split] = keep.stats[split]
+            if split in keep.truth:
+                truths[split] = keep.truth[split]
+        meta = {**keep.meta, **(meta or {})}
     manifest = Manifest(classes=list(classes), splits=infos, stats=stats, truth=truths, meta=meta or {})
     write_manifest(root, manifest)
     for split, info in infos.items():

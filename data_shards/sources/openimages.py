@@ -1,0 +1,258 @@
+"""OpenImages V6 converter: the human-verified image-level label CSV to shards.
+
+Input: `ImageID,Source,LabelName,Confidence` rows (Confidence 1 a verified positive, 0 a
+verified negative), tens of millions of them. The CSV is streamed with `csv.reader` and rows
+are grouped by consecutive ImageID (the official file is sorted by ImageID), so labels in
+memory are those of one image plus the pool's window of images in flight, never the file.
+
+Detecting an ImageID that comes back after another one ("ungrouped rows") needs a memory of
+the ids already seen. A dict of 9 M strings would cost about 1 GB; instead `_SeenIds` keeps
+64-bit hashes in a sorted numpy array (8 bytes per image, about 72 MB at 9 M), and only looks
+an id up when it is not greater than every id so far, which never happens in a sorted file.
+A reappearing group is dropped and each of its rows counted: emitting it would write the
+same key twice with half of its labels each time.
+
+Every other irregularity is counted in the `ConversionReport` with file:line examples and
+never reaches the labels: a row with the wrong number of columns, a confidence other than 0 or
+1, a LabelName outside the class list (`skip_unknown=True` turns these into a plain count: the
+verified CSV covers ~20 k classes, the trainable list 9.6 k), an exact duplicate row (kept
+once), a class both 1 and 0 for one image (dropped for that image), a missing or unreadable
+image. `strict=True` raises `ConversionError` at the first of them instead.
+
+Classes: a descriptions CSV (`LabelName,DisplayName`, header optional: a MID never contains a
+comma) or one MID per line, names then from `descriptions` or the MID itself. The class file's
+order is the class index order. Display names repeat in the official vocabulary; classes are
+keyed by MID only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from contextlib import closing
+from typing import Iterator
+
+import fsspec
+import numpy as np
+
+from ..format import ClassInfo, Manifest
+from ..storage import storage_options
+from .common import ConversionError, ConversionReport, ImageTask, image_records, image_url, write_split
+
+__all__ = ["load_classes", "read_label_groups", "build_openimages"]
+
+_COLUMNS = ("ImageID", "Source", "LabelName", "Confidence")
+
+
+def _open_text(url: str):
+    # compression="infer" so that a .csv.gz or .csv.bz2 downloaded as is also streams.
+    return fsspec.open(url, "rt", encoding="utf-8-sig", newline="", compression="infer", **storage_options(url))
+
+
+def _read_descriptions(url: str) -> list[tuple[str, str]]:
+    out = []
+    with _open_text(url) as f:
+        for i, row in enumerate(csv.reader(f), 1):
+            if i == 1 and [c.strip() for c in row] == ["LabelName", "DisplayName"]:
+                continue
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != 2 or not row[0].strip():
+                raise ValueError(f"{url}:{i}: expected 'LabelName,DisplayName', got {row!r}")
+            out.append((row[0].strip(), row[1].strip()))
+    return out
+
+
+def load_classes(classes_file: str, descriptions: str | None = None) -> list[ClassInfo]:
+    """Classes in file order from a descriptions CSV or a one-MID-per-line list."""
+    with _open_text(classes_file) as f:
+        first = f.readline()
+    if "," in first:
+        pairs = _read_descriptions(classes_file)
+    else:
+        with _open_text(classes_file) as f:
+            mids = [line.strip() for line in f if line.strip()]
+        names = dict(_read_descriptions(descriptions)) if descriptions else {}
+        pairs = [(m, names.get(m, m)) for m in mids]
+    if not pairs:
+        raise ValueError(f"{classes_file}: no classes found")
+    seen: set[str] = set()
+    for mid, _ in pairs:
+        if mid in seen:
+            raise ValueError(f"{classes_file}: class {mid!r} is listed twice")
+        seen.add(mid)
+    return [ClassInfo(id=m, name=n) for m, n in pairs]
+
+
+class _SeenIds:
+    """Membership of ImageIDs already emitted, at 8 bytes per id (see the module docstring)."""
+
+    _BATCH = 1 << 16
+
+    def __init__(self) -> None:
+        self._sorted = np.empty(0, dtype=np.int64)
+        self._recent: set[int] = set()
+        self._max: str | None = None
+
+    def add(self, image_id: str) -> bool:
+        """Remember `image_id`; True if it had been added before."""
+        # str hash is salted per process but stable within it, which is all this needs; a
+        # false "seen" needs a 64-bit collision (about n^2 / 2^65: 2e-6 at 9 M ids).
+        h = hash(image_id)
+        seen = False
+        if self._max is not None and image_id <= self._max:
+            if h in self._recent:
+                seen = True
+            elif self._sorted.size:
+                i = int(np.searchsorted(self._sorted, h))
+                seen = i < self._sorted.size and int(self._sorted[i]) == h
+        if self._max is None or image_id > self._max:
+            self._max = image_id
+        if not seen:
+            self._recent.add(h)
+            if len(self._recent) >= self._BATCH:
+                new = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
+                new.sort()
+                # Two sorted runs: the stable sort (timsort) merges them in linear time.
+                self._sorted = np.sort(np.concatenate([self._sorted, new]), kind="stable")
+                self._recent.clear()
+        return seen
+
+
+def _parse_confidence(text: str) -> int | None:
+    t = text.strip()
+    if t in ("1", "0"):
+        return int(t)
+    try:
+        v = float(t)
+    except ValueError:
+        return None
+    return int(v) if v in (0.0, 1.0) else None
+
+
+def read_label_groups(
+    labels_csv: str,
+    class_index: dict[str, int],
+    report: ConversionReport,
+    *,
+    skip_unknown: bool = False,
+) -> Iterator[tuple[str, list[int], list[int], int]]:
+    """Stream the label CSV as `(image_id, pos, neg, first_line)` per image, problems reported."""
+    seen = _SeenIds()
+    cur: str | None = None
+    cur_line = 0
+    dropped = False  # the current group is a reappearance: its rows are not used
+    labels: dict[int, int] = {}  # class -> confidence
+    bad: set[int] = set()  # classes with contradictory rows in the current group
+
+    def flush() -> tuple[str, list[int], list[int], int] | None:
+        if cur is None or dropped:
+            return None
+        pos = sorted(c for c, v in labels.items() if v == 1 and c not in bad)
+        neg = sorted(c for c, v in labels.items() if v == 0 and c not in bad)
+        if not pos and not neg:
+            report.count("images without usable labels")
+            return None
+        return cur, pos, neg, cur_line
+
+    with _open_text(labels_csv) as f:
+        reader = csv.reader(f)
+        cols = {name: i for i, name in enumerate(_COLUMNS)}
+        first = True
+        for row in reader:
+            line = reader.line_num
+            if first:
+                first = False
+                names = [c.strip() for c in row]
+                if set(_COLUMNS) <= set(names):
+                    cols = {name: names.index(name) for name in _COLUMNS}
+                    ncols = len(names)
+                    continue
+                if any(n in _COLUMNS for n in names):
+                    raise ConversionError(f"{labels_csv}:{line}: header {row!r} lacks columns {', '.join(_COLUMNS)}")
+                report.problem("missing header", f"{labels_csv}:{line}", f"no header row; assuming {','.join(_COLUMNS)}")
+                ncols = len(_COLUMNS)
+            if not row:
+                continue
+            report.count("rows read")
+            where = f"{labels_csv}:{line}"
+            if len(row) != ncols:
+                report.problem("malformed row", where, f"{len(row)} columns, expected {ncols}: {row!r}"[:200])
+                continue
+            image_id = row[cols["ImageID"]].strip()
+            if not image_id:
+                report.problem("malformed row", where, "empty ImageID")
+                continue
+            if image_id != cur:
+                group = flush()
+                if group is not None:
+                    yield group
+                cur, cur_line, labels, bad = image_id, line, {}, set()
+                dropped = seen.add(image_id)
+            if dropped:
+                report.problem("ungrouped rows", where, f"ImageID {image_id} reappears after other images; row dropped")
+                continue
+            conf = _parse_confidence(row[cols["Confidence"]])
+            if conf is None:
+                report.problem("bad confidence", where, f"Confidence {row[cols['Confidence']]!r} is not 0 or 1")
+                continue
+            mid = row[cols["LabelName"]].strip()
+            c = class_index.get(mid)
+            if c is None:
+                if skip_unknown:
+                    report.count("rows of other classes skipped")
+                else:
+                    report.problem("unknown class", where, f"LabelName {mid!r} is not in the class list")
+                continue
+            if c in labels:
+                if labels[c] == conf:
+                    report.problem("duplicate row", where, f"{image_id} {mid} {conf} repeated; kept once")
+                elif c not in bad:
+                    bad.add(c)
+                    report.problem("contradictory rows", where, f"{image_id} {mid} is both 1 and 0; label dropped")
+                continue
+            labels[c] = conf
+        group = flush()
+        if group is not None:
+            yield group
+
+
+def build_openimages(
+    labels_csv: str,
+    classes_file: str,
+    images: str,
+    out: str,
+    *,
+    split: str = "train",
+    descriptions: str | None = None,
+    strict: bool = False,
+    resize: int | None = None,
+    shard_samples: int = 1000,
+    workers: int = 0,
+    progress: bool = True,
+    limit: int | None = None,
+    skip_unknown: bool = False,
+) -> tuple[Manifest, ConversionReport]:
+    """Convert one split of OpenImages; `images` is a folder/URL prefix or a `{id}` template."""
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
+        raise ValueError(f"resize must be a positive short-edge size in pixels, got {resize!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    classes = load_classes(classes_file, descriptions)
+    index = {c.id: i for i, c in enumerate(classes)}
+    report = ConversionReport("openimages", strict=strict)
+    image_url(images, id="x")  # a bad template fails here, before the root is touched
+
+    def tasks() -> Iterator[ImageTask]:
+        with closing(read_label_groups(labels_csv, index, report, skip_unknown=skip_unknown)) as groups:
+            for n, (image_id, pos, neg, line) in enumerate(groups):
+                if limit is not None and n >= limit:
+                    return
+                yield image_url(images, id=image_id), image_id, pos, neg, None, f"{labels_csv}:{line} ImageID {image_id}"
+
+    records = image_records(
+        tasks(), resize=resize, workers=workers, report=report, desc=f"openimages {split}", progress=progress, total=limit
+    )
+    split_meta = {"labels": labels_csv, "classes": classes_file, "images": images, "resize": resize}
+    manifest = write_split(out, classes, split, records, shard_samples=shard_samples, source="openimages", split_meta=split_meta)
+    return manifest, report
