@@ -419,13 +419,22 @@ class ShardStream:
         )
         expect = k - self._batch
         got = 0
-        for batch in loader:
-            got += 1
-            assert got <= expect, "a worker yielded more batches than its plan"
-            self.corrupt_samples += int(batch.pop("corrupt"))
-            self._batch += 1
-            if self._batch == k:
-                self._epoch, self._batch = self._epoch + 1, 0
-            yield batch
+        it = iter(loader)
+        try:
+            for batch in it:
+                got += 1
+                assert got <= expect, "a worker yielded more batches than its plan"
+                self.corrupt_samples += int(batch.pop("corrupt"))
+                self._batch += 1
+                if self._batch == k:
+                    self._epoch, self._batch = self._epoch + 1, 0
+                yield batch
+        finally:
+            # An exception's traceback keeps the loader iterator alive until a gc pass, and a
+            # shutdown from gc finds its queues already finalised: each worker join then waits
+            # out a 5 s timeout. Shutting down here is prompt on every exit path.
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         if got != expect:
             raise RuntimeError(f"stream ended after {got} of {expect} batches (a worker stopped early)")
