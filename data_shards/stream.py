@@ -72,6 +72,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _WANTED = frozenset(IMAGE_EXTS) | {"json"}
+_RETRY_BASE_S = 0.5  # first back-off; doubles per attempt, capped at 8 s
 _PLAN_FIELDS = ("seed", "world_size", "batch_size", "num_workers", "shuffle", "shuffle_buffer", "samples", "shards")
 
 
@@ -113,7 +114,7 @@ def _open(url: str, retries: int) -> Any:
         except OSError as e:
             if attempt == retries:
                 raise ShardReadError(f"shard {url}: cannot open after {retries + 1} attempts ({e})") from e
-            time.sleep(min(0.5 * 2**attempt, 8.0))
+            time.sleep(min(_RETRY_BASE_S * 2**attempt, 8.0))
     raise AssertionError("unreachable")
 
 
@@ -175,7 +176,7 @@ def iter_shard(
             if attempt > retries:
                 raise ShardReadError(f"shard {url}: read failed after {retries} retries at sample {nxt} ({e})") from e
             log.warning("shard %s: read error at sample %d (%s); reopening", url, nxt, e)
-            time.sleep(min(0.5 * 2**attempt, 8.0))
+            time.sleep(min(_RETRY_BASE_S * 2**attempt, 8.0))
         finally:
             f.close()
     if nxt < stop:
@@ -336,8 +337,11 @@ class ShardStream:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        if num_workers < 0 or shuffle_buffer < 1 or prefetch_factor < 1:
-            raise ValueError("num_workers must be >= 0, shuffle_buffer and prefetch_factor >= 1")
+        if num_workers < 0 or shuffle_buffer < 1 or prefetch_factor < 1 or seed < 0:
+            raise ValueError(
+                f"need num_workers >= 0, seed >= 0, shuffle_buffer and prefetch_factor >= 1; got "
+                f"{num_workers}, {seed}, {shuffle_buffer}, {prefetch_factor}"
+            )
         self.root, self.split = root, split
         self.manifest = manifest if manifest is not None else read_manifest(root)
         info = self.manifest.split(split)

@@ -184,3 +184,53 @@ def test_unknown_and_odd_members_are_ignored(tmp_path):
     p.write_bytes(bio.getvalue())
     s = ShardStream(root, "train", batch_size=3, image_size=8, corrupt="fail")
     assert all_keys(s) == [r.key for r in recs]
+
+
+class _Flaky:
+    """A file that dies with a connection reset after `fail_after` bytes."""
+
+    def __init__(self, f, fail_after: int):
+        self.f, self.left = f, fail_after
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            raise ConnectionResetError("simulated connection reset")
+        data = self.f.read(n if n >= 0 and n <= self.left else self.left)
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def test_transient_io_errors_are_retried_exactly(ds, monkeypatch):
+    import data_shards.stream as stream_mod
+
+    monkeypatch.setattr(stream_mod, "_RETRY_BASE_S", 0.0)
+    real = stream_mod.open_file
+    opens: dict[str, int] = {}
+
+    def flaky_open(url, mode="rb"):
+        name = url.rsplit("/", 1)[-1]
+        opens[name] = opens.get(name, 0) + 1
+        if name == "train-000003.tar" and opens[name] == 1:
+            raise ConnectionRefusedError("simulated refusal")
+        f = real(url, mode)
+        if name == "train-000002.tar" and opens[name] == 1:
+            return _Flaky(f, 5000)  # dies mid-shard, after a couple of samples
+        return f
+
+    want = [b["key"] for b in stream(ds)]
+    monkeypatch.setattr(stream_mod, "open_file", flaky_open)
+    s = stream(ds)
+    assert [b["key"] for b in s] == want and s.corrupt_samples == 0
+    assert opens["train-000002.tar"] == 2 and opens["train-000003.tar"] == 2
+
+
+def test_missing_shard_is_an_error_under_either_policy(ds):
+    from data_shards.stream import ShardReadError
+
+    shard(ds, 4).unlink()
+    for policy in ("skip", "fail"):
+        with pytest.raises(ShardReadError, match=r"train-000004\.tar"):
+            list(stream(ds, policy))
