@@ -164,9 +164,6 @@ def test_unknown_and_odd_members_are_ignored(tmp_path):
     root = str(tmp_path)
     write_dataset(root, [ClassInfo(id=f"/m/{c}", name=f"c{c}") for c in range(C)], {"train": recs}, shard_samples=4)
 
-    def add_junk(name, data):
-        return data
-
     # A directory entry, a symlink and a metadata-looking member inside a shard.
     p = shard(root, 0)
     with tarfile.open(p) as tf:

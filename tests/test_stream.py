@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_round_trip_keys_and_labels(ds):
 def test_plain_webdataset_reads_the_shards(ds):
     import webdataset as wds
 
-    urls = sorted(str(p) for p in __import__("pathlib").Path(ds, "train").glob("*.tar"))
+    urls = sorted(str(p) for p in Path(ds, "train").glob("*.tar"))
     got = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False)}
     want = {r.key: r for r in records(40)}
     assert set(got) == set(want)
