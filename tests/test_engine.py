@@ -1,0 +1,233 @@
+"""DeepSpeed engine on CPU/gloo, single process (no Ray): config mapping, training for
+ZeRO 0/2/3, exact save/load round trips, consolidated fp32 weights, EMA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.config import Config, ConfigError, load_config
+from trainer.engine import ModelEMA, deepspeed_config, setup_engine
+from trainer.models import build_model
+
+CLASSES = 5
+
+# DeepSpeed and torch.distributed deprecations on CPU/gloo are not ours to fix.
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+def _cfg(*overrides: str) -> Config:
+    return load_config("synthetic-cpu", ["data.batch_size=4", "optim.lr=1e-2", "train.ema_decay=0.9", *overrides])
+
+
+def _batches(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 32, 32, generator=g), (torch.rand(4, CLASSES, generator=g) > 0.5).float())
+            for _ in range(n)]
+
+
+def _engine(cfg: Config, total_steps: int = 20, seed: int = 0):
+    torch.manual_seed(seed)
+    return setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=1, total_steps=total_steps)
+
+
+def _train(engine, batches) -> list[torch.Tensor]:
+    losses = []
+    for x, y in batches:
+        loss = F.binary_cross_entropy_with_logits(engine.forward(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    return losses
+
+
+# -- config mapping (no DeepSpeed initialisation) -------------------------------------
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_deepspeed_config_mapping(stage: int, precision: str) -> None:
+    cfg = _cfg(f"deepspeed.zero_stage={stage}", f"train.precision={precision}", "train.grad_accum=3",
+               "optim.grad_clip=1.5")
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert ds["gradient_clipping"] == 1.5
+    assert ds["zero_optimization"] == {"stage": stage}
+    assert ds["steps_per_print"] > 10**6 and ds["wall_clock_breakdown"] is False
+    assert "optimizer" not in ds and "scheduler" not in ds
+    assert ("bf16" in ds) == (precision == "bf16") and ("fp16" in ds) == (precision == "fp16")
+    if precision != "fp32":
+        assert ds[precision]["enabled"] is True
+        assert ds["data_types"]["buffer_dtype"] == precision  # BatchNorm stats follow the weights
+
+
+def test_importing_the_engine_does_nothing() -> None:
+    code = ("import sys, os, torch.distributed as d, trainer.engine; "
+            "assert 'deepspeed' not in sys.modules; assert not d.is_initialized(); "
+            "assert 'MASTER_PORT' not in os.environ")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MASTER_PORT"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_fp16_is_refused_clearly_on_this_cpu() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this machine's accelerator supports fp16")
+    with pytest.raises(ConfigError, match="train.precision.*'fp16' is not supported"):
+        _engine(_cfg("train.precision=fp16"))
+
+
+# -- training --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"), (3, "bf16")])
+def test_a_few_steps_decrease_the_loss(stage: int, precision: str) -> None:
+    engine = _engine(_cfg(f"deepspeed.zero_stage={stage}", f"train.precision={precision}"))
+    assert engine.zero_stage == stage
+    assert engine.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    x, y = _batches(1)[0]
+    losses = _train(engine, [(x, y)] * 8)
+    assert engine.global_step == 8
+    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1].dtype == torch.float32  # logits come back in fp32
+
+
+def test_onecycle_lr_and_grad_accumulation() -> None:
+    engine = _engine(_cfg("train.grad_accum=2", "optim.pct_start=0.25"), total_steps=9)
+    assert engine.lr == pytest.approx(1e-2 / 25)  # OneCycle starts at max_lr / div_factor
+    stepped, lrs = [], []
+    for x, y in _batches(6):
+        engine.backward(F.binary_cross_entropy_with_logits(engine.forward(x), y))
+        stepped.append(engine.step())
+        lrs.append(engine.lr)
+    assert stepped == [False, True, False, True, False, True]
+    assert engine.global_step == 3 and engine.ema.updates == 3
+    assert isinstance(engine.lr, float)
+    # warm-up ends after 0.25 * 9 - 1 = 1.25 steps: up, then down
+    assert lrs[1] < lrs[3] and lrs[5] < lrs[3]
+
+
+def test_too_short_for_onecycle_runs_at_constant_lr() -> None:
+    engine = _engine(_cfg("optim.pct_start=0.2"), total_steps=2)
+    _train(engine, _batches(2))
+    assert engine.lr == pytest.approx(1e-2)
+
+
+def test_constant_schedule_with_sgd() -> None:
+    engine = _engine(_cfg("optim.schedule=constant", "optim.name=sgd", "train.ema_decay=0"))
+    assert engine.ema is None
+    _train(engine, _batches(3))
+    assert engine.lr == pytest.approx(1e-2)
+
+
+# -- checkpoints -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_save_load_round_trip_is_exact(tmp_path, stage: int, precision: str) -> None:
+    cfg = _cfg(f"deepspeed.zero_stage={stage}", f"train.precision={precision}")
+    batches = _batches(5)
+    a = _engine(cfg)
+    _train(a, batches[:3])
+    a.save(str(tmp_path), "step3", {"epoch": 1, "cursor": [3, 7]})
+    saved = a.consolidated_state_dict()
+    saved_ema = {k: v.clone() for k, v in a.ema.weights.items()}
+    saved_lr = a.lr
+    _train(a, batches[3:])
+    after = a.consolidated_state_dict()
+
+    b = _engine(cfg, seed=123)  # different initial weights: everything must come from the file
+    client = b.load(str(tmp_path), "step3")
+    assert client == {"epoch": 1, "cursor": [3, 7]}
+    assert b.global_step == 3 and b.lr == saved_lr
+    assert b.ema.updates == 3
+    restored = b.consolidated_state_dict()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert all(torch.equal(saved_ema[k], b.ema.weights[k]) for k in saved_ema)
+    # Optimizer moments and schedule came back too: the next steps match bit for bit.
+    _train(b, batches[3:])
+    again = b.consolidated_state_dict()
+    assert all(torch.equal(after[k], again[k]) for k in after)
+
+
+def test_load_missing_checkpoint_raises(tmp_path) -> None:
+    engine = _engine(_cfg())
+    with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint"):
+        engine.load(str(tmp_path / "nothing"), "t")
+
+
+# -- consolidated weights ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_consolidated_state_dict_equals_module(stage: int) -> None:
+    engine = _engine(_cfg(f"deepspeed.zero_stage={stage}"))
+    _train(engine, _batches(2))
+    sd = engine.consolidated_state_dict()
+    reference = build_model(_cfg().model, CLASSES).state_dict()
+    assert list(sd) == list(reference)
+    assert all(v.dtype == reference[k].dtype and v.shape == reference[k].shape for k, v in sd.items())
+    if stage == 3:
+        import deepspeed
+
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            live = {k: v.detach().clone() for k, v in engine.module.named_parameters()}
+    else:
+        live = dict(engine.module.named_parameters())
+    assert all(torch.equal(sd[k], live[k].detach()) for k in live)
+    # and a plain model takes them as they are
+    build_model(_cfg().model, CLASSES).load_state_dict(sd)
+
+
+def test_consolidated_bf16_gives_the_fp32_masters() -> None:
+    engine = _engine(_cfg("deepspeed.zero_stage=2", "train.precision=bf16"))
+    _train(engine, _batches(2))
+    sd = engine.consolidated_state_dict()
+    for k, p in engine.module.named_parameters():
+        assert p.dtype == torch.bfloat16 and sd[k].dtype == torch.float32
+        assert torch.equal(sd[k].bfloat16(), p.detach())  # masters round to the compute weights
+
+
+# -- EMA ---------------------------------------------------------------------------------
+
+
+def test_model_ema_math() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEMA(model, decay=0.75)
+    start = {k: v.clone() for k, v in ema.weights.items()}
+    with torch.no_grad():
+        model[0].weight.add_(4.0)
+    model.train()(torch.randn(8, 2))  # moves the running stats and num_batches_tracked
+    ema.update(model)
+    assert torch.allclose(ema.weights["0.weight"], start["0.weight"] + 1.0)  # 0.25 * 4
+    assert torch.allclose(ema.weights["1.running_mean"], 0.75 * start["1.running_mean"] + 0.25 * model[1].running_mean)
+    assert ema.weights["1.num_batches_tracked"].item() == 1
+    assert all(v.dtype == torch.float32 for k, v in ema.weights.items() if "num_batches" not in k)
+
+    warm = ModelEMA(model, decay=0.9, warmup_steps=10)
+    assert warm.current_decay() == 0.0
+    warm.update(model)
+    assert warm.current_decay() == pytest.approx(0.9 * (1 - 2.718281828 ** -0.1), rel=1e-6)
+
+    copy = ModelEMA(model, decay=0.75)
+    copy.load_state_dict(ema.state_dict())
+    assert copy.updates == 1 and all(torch.equal(copy.weights[k], ema.weights[k]) for k in ema.weights)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_engine_ema_follows_the_weights(stage: int) -> None:
+    engine = _engine(_cfg(f"deepspeed.zero_stage={stage}", "train.ema_decay=0.5"))
+    initial = {k: v.clone() for k, v in engine.ema.weights.items()}
+    _train(engine, _batches(1))
+    live = engine.consolidated_state_dict()
+    assert engine.ema.updates == 1
+    for k in ("conv1.weight", "fc.weight"):
+        assert torch.allclose(engine.ema.weights[k], 0.5 * initial[k] + 0.5 * live[k], atol=1e-6)

@@ -1,0 +1,430 @@
+"""The DeepSpeed engine: the only module that imports deepspeed.
+
+Design notes:
+
+- The worker loop sees a small ``Engine`` (forward, backward, step, lr, save, load,
+  consolidated_state_dict, EMA), never a ``DeepSpeedEngine``: the rest of the project stays
+  testable without DeepSpeed and a change of engine touches one file.
+- We hand DeepSpeed our own torch optimizer (Adam/AdamW/SGD over ``param_groups``: no
+  weight decay on biases and norms) and our own per-step LR schedule (OneCycle, or none for
+  a constant LR), so the DeepSpeed config has no optimizer/scheduler sections and the
+  optimisation is the reference's whatever the ZeRO stage. ``zero_allow_untested_optimizer``
+  is on because SGD is not on DeepSpeed's list; ZeRO only shards its state.
+- The process group comes from Ray Train (gloo on CPU, NCCL on GPU); ``ensure_process_group``
+  only creates a single-process gloo group when there is none (unit tests, a bare script).
+- What DeepSpeed 0.19.8 does on the CPU accelerator (measured here, gloo, 1 and 2 ranks):
+  ZeRO 0, 1, 2 and 3 train; bf16 works for every stage once buffers are cast too
+  (``data_types.buffer_dtype``: 0.19 casts only parameters, and BatchNorm refuses bf16
+  weights with fp32 running stats); fp16 is refused ("Type fp16 is not supported on your
+  device") unless oneDNN has fp16 kernels, so ``setup_engine`` says so up front.
+  ``DS_ACCELERATOR=cpu`` is not needed: DeepSpeed falls back to CPU when no GPU is visible.
+- bf16 keeps BatchNorm running statistics in bf16 (about 3 significant digits): the price
+  of a bf16 module under DeepSpeed. Master weights and optimizer state stay fp32.
+- EMA keeps an fp32 copy of every parameter and buffer on each rank. Under ZeRO-3 each
+  update gathers the partitioned parameters (one all-gather of the model per optimizer
+  step, the size of a forward pass's traffic); under bf16 it averages the bf16 compute
+  weights, not the fp32 masters (reading masters would cost a collective per tensor).
+  Decay is constant (the reference's choice) unless ``train.ema_warmup_steps`` > 0, then
+  ``decay * (1 - exp(-updates / ema_warmup_steps))`` as in YOLOv5/timm-style warm-up.
+- No host syncs per step: the LR is a Python float the scheduler already holds; the EMA
+  decay is computed from a host-side counter.
+- Checkpoints are DeepSpeed's sharded format in a *local* folder (``save_checkpoint`` is
+  collective and writes per-rank files); uploading to the run storage is the loop's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.config import Config, ConfigError
+from trainer.models import param_groups
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+__all__ = ["Engine", "ModelEMA", "deepspeed_config", "ensure_process_group", "setup_engine"]
+
+log = logging.getLogger(__name__)
+
+_EMA_KEY = "_csl_ema"
+_CLIENT_KEY = "_csl_client"  # DeepSpeed returns its own keys beside ours: keep ours apart
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (no optimizer/scheduler sections: we pass ours)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
+    ds: dict[str, Any] = {
+        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,  # 0.0: DeepSpeed does not clip
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # we log ourselves, every train.log_every steps
+        "wall_clock_breakdown": False,
+    }
+    if cfg.train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"buffer_dtype": "bf16"}
+    elif cfg.train.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}  # 0: dynamic scaling
+        ds["data_types"] = {"buffer_dtype": "fp16"}
+    return ds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group(local_rank: int | None = None) -> None:
+    """Make sure torch.distributed and DeepSpeed's comm layer are up.
+
+    Under Ray Train the group exists and is only wrapped. Without one, a single-process
+    gloo group is created from MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE, defaulting to
+    127.0.0.1, a free port, rank 0 and world size 1. ``local_rank`` (Ray Train's local rank)
+    is exported as LOCAL_RANK, which DeepSpeed reads to pick the GPU.
+    """
+    import deepspeed  # noqa: PLC0415  (heavy import, kept out of module import)
+
+    if local_rank is not None:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def _check_precision(precision: str) -> None:
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+
+    acc = get_accelerator()
+    supported = {"fp32": True, "bf16": acc.is_bf16_supported(), "fp16": acc.is_fp16_supported()}
+    if not supported[precision]:
+        raise ConfigError(
+            f"config key 'train.precision': {precision!r} is not supported by DeepSpeed on the "
+            f"{acc.device_name()} accelerator here; use "
+            + " or ".join(repr(p) for p, ok in supported.items() if ok)
+        )
+
+
+class ModelEMA:
+    """Exponential moving average of a module's parameters and buffers, kept in fp32.
+
+    Float tensors are averaged with ``lerp``; integer buffers (BatchNorm's
+    ``num_batches_tracked``) are copied. Plain torch: ``Engine.update_ema`` gathers ZeRO-3
+    partitions before calling ``update``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup_steps: int = 0) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.updates = 0
+        self.weights: dict[str, torch.Tensor] = {
+            name: (t.detach().float() if t.is_floating_point() else t.detach()).clone()
+            for name, t in _named_tensors(model)
+        }
+
+    def current_decay(self) -> float:
+        if self.warmup_steps:
+            return self.decay * (1.0 - math.exp(-self.updates / self.warmup_steps))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        weight = 1.0 - self.current_decay()
+        ema_f, cur_f = [], []
+        for name, t in _named_tensors(model):
+            e = self.weights[name]
+            if e.is_floating_point():
+                ema_f.append(e)
+                cur_f.append(t.detach().to(e.dtype))
+            else:
+                e.copy_(t)
+        if ema_f:
+            torch._foreach_lerp_(ema_f, cur_f, weight)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "warmup_steps": self.warmup_steps, "updates": self.updates,
+                "weights": dict(self.weights)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.weights) ^ set(state["weights"])
+        if missing:
+            raise ValueError(f"EMA state does not match the model: {sorted(missing)[:5]}")
+        for name, t in state["weights"].items():
+            self.weights[name].copy_(t)
+        self.updates = int(state["updates"])
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    if o.name == "adam":
+        # Adam's L2-style decay on the decay group only, as the reference does.
+        return torch.optim.Adam(groups, lr=o.lr)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
+
+
+def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: int) -> Engine:
+    """Optimizer, LR schedule and DeepSpeed around ``model`` (collective: every rank calls it).
+
+    ``total_steps`` is the number of optimizer steps of the whole run (after gradient
+    accumulation); OneCycle refuses to step past it.
+    """
+    import deepspeed  # noqa: PLC0415
+
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    _check_precision(cfg.train.precision)
+    ensure_process_group()
+    if dist.get_world_size() != world_size:
+        raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} ranks")
+    # DeepSpeed prints its whole config at INFO on every initialize; we log what matters.
+    logging.getLogger("DeepSpeed").setLevel(max(logging.WARNING, logging.getLogger("DeepSpeed").level))
+
+    # Built before initialize: the model is still full-size fp32 here, even under ZeRO-3 + bf16.
+    ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_warmup_steps) if cfg.train.ema_decay > 0 else None
+    optimizer = _build_optimizer(model, cfg)
+    scheduler = None
+    schedule = cfg.optim.schedule
+    if schedule == "onecycle" and cfg.optim.pct_start * total_steps <= 1.0:
+        # OneCycle's warm-up phase would have no length (torch divides by zero): a smoke run
+        # this short has no schedule to speak of, so it runs at the peak LR.
+        log.warning("total_steps=%d too short for OneCycle with pct_start=%s: constant LR",
+                    total_steps, cfg.optim.pct_start)
+        schedule = "constant"
+    if schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.optim.lr, total_steps=total_steps, pct_start=cfg.optim.pct_start
+        )
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
+    )
+    if ema is not None:
+        ema.weights = {k: v.to(ds_engine.device) for k, v in ema.weights.items()}
+    return Engine(ds_engine, ema)
+
+
+class Engine:
+    """The loop's view of DeepSpeed: one object per rank."""
+
+    def __init__(self, ds_engine: DeepSpeedEngine, ema: ModelEMA | None = None) -> None:
+        self._ds = ds_engine
+        self.ema = ema
+        self.zero_stage = ds_engine.zero_optimization_stage()
+        self.dtype = next(ds_engine.module.parameters()).dtype
+        self.device = ds_engine.device
+        self.loaded_client_states: list[dict[str, Any]] = []
+
+    # -- training ---------------------------------------------------------------------
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (under ZeRO-3 its parameters are partitioned outside forward)."""
+        return self._ds.module
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (host counter)."""
+        return self._ds.global_steps
+
+    @property
+    def lr(self) -> float:
+        """Current LR of the first group: a Python float the scheduler set, no device sync."""
+        return self._ds.optimizer.param_groups[0]["lr"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits in fp32 whatever the compute precision, so the loss is computed in fp32."""
+        if x.is_floating_point():
+            x = x.to(self.device, self.dtype, non_blocking=True)
+        return self._ds(x).float()
+
+    __call__ = forward
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._ds.backward(loss)  # divides by grad_accum itself
+
+    def step(self) -> bool:
+        """DeepSpeed step (optimizer + scheduler + zero_grad at accumulation boundaries).
+
+        Returns whether an optimizer step happened; the EMA is updated after each one.
+        """
+        before = self._ds.global_steps
+        self._ds.step()
+        stepped = self._ds.global_steps != before
+        if stepped and self.ema is not None:
+            self.update_ema()
+        return stepped
+
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        if self.zero_stage == 3:
+            import deepspeed  # noqa: PLC0415
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                self.ema.update(self.module)
+        else:
+            self.ema.update(self.module)
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Average floating buffers (BatchNorm running stats, also in the EMA) over ranks.
+
+        Unlike DDP, DeepSpeed never broadcasts buffers, so each rank's running stats follow
+        its own data. ``save`` calls this first so that the checkpoint, and every rank after
+        it, hold one set of statistics; call it before evaluation too. One all-reduce of the
+        buffers (kilobytes for a ResNet).
+        """
+        world = dist.get_world_size()
+        names = [n for n, b in self.module.named_buffers() if b.is_floating_point()]
+        if world == 1 or not names:
+            return
+        own = dict(self.module.named_buffers())
+        targets = [own[n] for n in names]
+        if self.ema is not None:
+            targets += [self.ema.weights[n] for n in names]
+        # fp32 on the wire: gloo has no bf16 all-reduce, and one flat tensor is one collective.
+        flat = torch.cat([t.detach().float().reshape(-1) for t in targets])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for t in targets:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def train(self) -> None:
+        self._ds.train()
+
+    def eval(self) -> None:
+        self._ds.eval()
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict[str, Any] | None = None) -> None:
+        """Collective: every rank calls it with the same local ``ckpt_dir`` and ``tag``.
+
+        ``client_state`` may differ between ranks (e.g. each rank's data cursor): all ranks'
+        dicts are gathered into the checkpoint, because under ZeRO 0-2 DeepSpeed writes and
+        reads back only rank 0's model-state file.
+        """
+        self.sync_buffers()
+        per_rank: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, dict(client_state or {}))
+        state: dict[str, Any] = {_CLIENT_KEY: per_rank}
+        if self.ema is not None:
+            state[_EMA_KEY] = self.ema.state_dict()
+        self._ds.save_checkpoint(ckpt_dir, tag=tag, client_state=state)
+
+    def load(self, ckpt_dir: str, tag: str | None = None) -> dict[str, Any]:
+        """Collective: restores module, optimizer, LR schedule, step count and EMA.
+
+        Returns the ``client_state`` this rank gave to ``save`` (``tag=None``: the latest
+        tag). If the world size changed since, rank 0's is returned and every rank's is in
+        ``self.loaded_client_states`` for the caller to redistribute.
+        """
+        # DeepSpeed asserts (or loads nothing silently) on a missing folder: say what is missing.
+        probe = os.path.join(ckpt_dir, tag) if tag is not None else os.path.join(ckpt_dir, "latest")
+        if not os.path.exists(probe):
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {ckpt_dir!r} (tag {tag!r}): {probe!r} is missing")
+        path, state = self._ds.load_checkpoint(
+            ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {ckpt_dir!r} (tag {tag!r})")
+        state = state or {}
+        ema_state = state.get(_EMA_KEY)
+        if self.ema is not None:
+            if ema_state is None:
+                log.warning("checkpoint %s has no EMA state: EMA restarts from the loaded weights", path)
+                self.ema = ModelEMA(self._gathered_copy(), self.ema.decay, self.ema.warmup_steps)
+            else:
+                self.ema.load_state_dict(ema_state)
+        per_rank = state.get(_CLIENT_KEY) or [{}]
+        self.loaded_client_states = per_rank
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if len(per_rank) != world:
+            log.warning("checkpoint %s was written by %d ranks, now %d: returning rank 0's client state",
+                        path, len(per_rank), world)
+            return dict(per_rank[0])
+        return dict(per_rank[rank])
+
+    def _gathered_copy(self) -> nn.Module:
+        import copy  # noqa: PLC0415
+
+        if self.zero_stage != 3:
+            return self.module
+        import deepspeed  # noqa: PLC0415
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            return copy.deepcopy(self.module)
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 state dict (CPU tensors), same keys as ``module.state_dict()``.
+
+        Collective for ZeRO 1-3: every rank must call it; every rank gets the dict (rank 0
+        usually writes it). Parameters are the fp32 *master* weights, exact for every stage
+        and precision (``safe_get_full_fp32_param`` reassembles the ZeRO partitions in
+        memory, no checkpoint round trip); buffers are the module's, cast to fp32 when
+        floating (under bf16 they were bf16).
+        """
+        from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415
+
+        masters = self._stage0_masters()
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.module.named_parameters():
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if full is None:
+                full = masters.get(id(p))
+            if full is None:
+                full = self._full_param(p)
+            out[name] = full.detach().float().cpu().clone()
+        for name, b in self.module.named_buffers():
+            out[name] = (b.detach().float() if b.is_floating_point() else b.detach()).cpu().clone()
+        order = list(self.module.state_dict().keys())
+        return {k: out[k] for k in order if k in out} | {k: v for k, v in out.items() if k not in order}
+
+    def _stage0_masters(self) -> dict[int, torch.Tensor]:
+        # ZeRO-0 with bf16/fp16: DeepSpeed's unfused optimizer keeps fp32 copies beside the
+        # low-precision params, group by group.
+        opt = self._ds.optimizer
+        if self.zero_stage != 0 or not hasattr(opt, "fp32_groups"):
+            return {}
+        return {id(lo): hi for los, his in zip(opt.fp16_groups, opt.fp32_groups) for lo, hi in zip(los, his)}
+
+    def _full_param(self, p: torch.Tensor) -> torch.Tensor:
+        if self.zero_stage == 3 and hasattr(p, "ds_id"):  # a frozen, partitioned parameter
+            import deepspeed  # noqa: PLC0415
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                return p.detach().float().clone()
+        return p
