@@ -231,3 +231,55 @@ def test_engine_ema_follows_the_weights(stage: int) -> None:
     assert engine.ema.updates == 1
     for k in ("conv1.weight", "fc.weight"):
         assert torch.allclose(engine.ema.weights[k], 0.5 * initial[k] + 0.5 * live[k], atol=1e-6)
+
+
+# -- two ranks (gloo, spawned processes; still no Ray) ----------------------------------
+
+
+def _two_rank_worker(rank: int, port: int, stage: int, ckpt: str, queue) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    cfg = _cfg(f"deepspeed.zero_stage={stage}", "train.precision=bf16")
+    torch.manual_seed(0)
+    a = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=2, total_steps=20)
+    _train(a, _batches(4, seed=rank))  # each rank its own data: BN statistics differ
+    a.save(ckpt, "t", {"rank": rank})
+    saved = a.consolidated_state_dict()
+    torch.manual_seed(1)
+    b = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=2, total_steps=20)
+    client = b.load(ckpt, "t")
+    restored = b.consolidated_state_dict()
+    torch.save(saved, os.path.join(ckpt, f"consolidated-{rank}.pt"))  # tensors do not survive the queue
+    queue.put((rank, client,
+               all(torch.equal(saved[k], restored[k]) for k in saved),
+               all(torch.equal(a.ema.weights[k], b.ema.weights[k]) for k in a.ema.weights)))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_save_load_per_rank_state(tmp_path, stage: int) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, stage, str(tmp_path), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted((queue.get(timeout=240) for _ in procs), key=lambda r: r[0])
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for rank, client, same_weights, same_ema in results:
+        assert client == {"rank": rank}  # each rank gets its own client state back
+        assert same_weights and same_ema
+    # after save, both ranks hold the same (averaged) BatchNorm statistics and weights
+    sd0, sd1 = (torch.load(tmp_path / f"consolidated-{r}.pt", weights_only=True) for r in range(2))
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
