@@ -40,7 +40,8 @@ def _train(engine, batches) -> list[torch.Tensor]:
     for x, y in batches:
         loss = F.binary_cross_entropy_with_logits(engine.forward(x), y)
         engine.backward(loss)
-        engine.step()
+        if engine.step():
+            engine.update_ema(engine.global_step)
         losses.append(loss.detach())
     return losses
 
@@ -106,6 +107,8 @@ def test_onecycle_lr_and_grad_accumulation() -> None:
     for x, y in _batches(6):
         engine.backward(F.binary_cross_entropy_with_logits(engine.forward(x), y))
         stepped.append(engine.step())
+        if stepped[-1]:
+            engine.update_ema()
         lrs.append(engine.lr)
     assert stepped == [False, True, False, True, False, True]
     assert engine.global_step == 3 and engine.ema.updates == 3
@@ -220,6 +223,29 @@ def test_model_ema_math() -> None:
     copy = ModelEMA(model, decay=0.75)
     copy.load_state_dict(ema.state_dict())
     assert copy.updates == 1 and all(torch.equal(copy.weights[k], ema.weights[k]) for k in ema.weights)
+
+
+def test_ema_module_predict_and_file_round_trip(tmp_path) -> None:
+    engine = _engine(_cfg("train.precision=bf16", "train.ema_decay=0.5"))
+    _train(engine, _batches(2))
+    ema_model = engine.ema_module()
+    assert not ema_model.training and all(not p.requires_grad for p in ema_model.parameters())
+    assert all(t.dtype == torch.float32 for t in ema_model.state_dict().values() if t.is_floating_point())
+    x = _batches(1)[0][0]
+    with torch.no_grad():
+        assert torch.equal(engine.ema_predict(x), ema_model(x))
+    path = str(tmp_path / "ema.safetensors")
+    engine.save_ema(path)
+    other = _engine(_cfg("train.precision=bf16", "train.ema_decay=0.5"), seed=9)
+    other.load_ema(path)
+    assert other.ema.updates == 2
+    assert all(torch.equal(engine.ema.weights[k], other.ema.weights[k]) for k in engine.ema.weights)
+
+
+def test_update_ema_step_pins_the_warmup_counter() -> None:
+    engine = _engine(_cfg("train.ema_warmup_steps=100"))
+    engine.update_ema(step=41)
+    assert engine.ema.updates == 41
 
 
 @pytest.mark.parametrize("stage", [0, 3])

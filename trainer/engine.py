@@ -20,7 +20,9 @@ Design notes:
   ``DS_ACCELERATOR=cpu`` is not needed: DeepSpeed falls back to CPU when no GPU is visible.
 - bf16 keeps BatchNorm running statistics in bf16 (about 3 significant digits): the price
   of a bf16 module under DeepSpeed. Master weights and optimizer state stay fp32.
-- EMA keeps an fp32 copy of every parameter and buffer on each rank. Under ZeRO-3 each
+- EMA keeps an fp32 copy of the model (parameters and buffers) on each rank, usable as a
+  model for evaluation and pseudo-labels. The loop calls ``update_ema`` after each
+  optimizer step (``step()`` says when one happened). Under ZeRO-3 each
   update gathers the partitioned parameters (one all-gather of the model per optimizer
   step, the size of a forward pass's traffic); under bf16 it averages the bf16 compute
   weights, not the fp32 masters (reading masters would cost a collective per tensor).
@@ -34,6 +36,8 @@ Design notes:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import os
@@ -127,9 +131,11 @@ def _check_precision(precision: str) -> None:
 class ModelEMA:
     """Exponential moving average of a module's parameters and buffers, kept in fp32.
 
-    Float tensors are averaged with ``lerp``; integer buffers (BatchNorm's
+    The average lives in ``self.module``, a frozen fp32 copy of the model in eval mode, so
+    it can be evaluated (or used for pseudo-labels) as it is; ``self.weights`` names its
+    tensors. Float tensors are averaged with ``lerp``; integer buffers (BatchNorm's
     ``num_batches_tracked``) are copied. Plain torch: ``Engine.update_ema`` gathers ZeRO-3
-    partitions before calling ``update``.
+    partitions before calling ``update``, and the copy must be made from a full model.
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup_steps: int = 0) -> None:
@@ -138,10 +144,13 @@ class ModelEMA:
         self.decay = decay
         self.warmup_steps = warmup_steps
         self.updates = 0
-        self.weights: dict[str, torch.Tensor] = {
-            name: (t.detach().float() if t.is_floating_point() else t.detach()).clone()
-            for name, t in _named_tensors(model)
-        }
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.weights: dict[str, torch.Tensor] = {name: t for name, t in _named_tensors(self.module)}
+
+    def to(self, device: torch.device | str) -> ModelEMA:
+        self.module.to(device)
+        self.weights = {name: t for name, t in _named_tensors(self.module)}
+        return self
 
     def current_decay(self) -> float:
         if self.warmup_steps:
@@ -230,7 +239,7 @@ def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: in
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
     if ema is not None:
-        ema.weights = {k: v.to(ds_engine.device) for k, v in ema.weights.items()}
+        ema.to(ds_engine.device)
     return Engine(ds_engine, ema)
 
 
@@ -241,7 +250,7 @@ class Engine:
         self._ds = ds_engine
         self.ema = ema
         self.zero_stage = ds_engine.zero_optimization_stage()
-        self.dtype = next(ds_engine.module.parameters()).dtype
+        self.dtype = next(ds_engine.module.parameters()).dtype  # what forward casts inputs to
         self.device = ds_engine.device
         self.loaded_client_states: list[dict[str, Any]] = []
 
@@ -251,6 +260,11 @@ class Engine:
     def module(self) -> nn.Module:
         """The unwrapped model (under ZeRO-3 its parameters are partitioned outside forward)."""
         return self._ds.module
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The compute dtype (fp32 or bf16): the loop may cast batches to it early."""
+        return self.dtype
 
     @property
     def global_step(self) -> int:
@@ -276,25 +290,63 @@ class Engine:
     def step(self) -> bool:
         """DeepSpeed step (optimizer + scheduler + zero_grad at accumulation boundaries).
 
-        Returns whether an optimizer step happened; the EMA is updated after each one.
+        Returns whether an optimizer step happened (then call ``update_ema``).
         """
         before = self._ds.global_steps
         self._ds.step()
-        stepped = self._ds.global_steps != before
-        if stepped and self.ema is not None:
-            self.update_ema()
-        return stepped
+        return self._ds.global_steps != before
 
-    def update_ema(self) -> None:
+    def update_ema(self, step: int | None = None) -> None:
+        """Fold the current weights into the EMA; call once per optimizer step.
+
+        ``step`` (the optimizer step just taken) pins the warm-up counter, so a resumed run
+        continues the same decay sequence; without it the EMA counts its own updates.
+        Collective under ZeRO-3 (the parameters are gathered).
+        """
         if self.ema is None:
             return
-        if self.zero_stage == 3:
-            import deepspeed  # noqa: PLC0415
-
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                self.ema.update(self.module)
-        else:
+        if step is not None:
+            self.ema.updates = step - 1
+        with self._gathered():
             self.ema.update(self.module)
+
+    def ema_module(self) -> nn.Module | None:
+        """The EMA weights as an fp32 model in eval mode (shared, not a copy), or None."""
+        return None if self.ema is None else self.ema.module
+
+    @torch.no_grad()
+    def ema_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the EMA model (fp32), e.g. for pseudo-labels; the EMA must be on."""
+        if self.ema is None:
+            raise RuntimeError("ema_predict needs the EMA: set train.ema_decay > 0")
+        return self.ema.module(x.to(self.device, torch.float32)).float()
+
+    def save_ema(self, path: str) -> None:
+        """Write the EMA weights as safetensors (local path; any rank, rank 0 usually)."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        if self.ema is None:
+            raise RuntimeError("save_ema needs the EMA: set train.ema_decay > 0")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.ema.weights.items()}
+        save_file(tensors, path, metadata={"updates": str(self.ema.updates), "decay": str(self.ema.decay)})
+
+    def load_ema(self, path: str) -> None:
+        from safetensors import safe_open  # noqa: PLC0415
+
+        if self.ema is None:
+            raise RuntimeError("load_ema needs the EMA: set train.ema_decay > 0")
+        with safe_open(path, framework="pt") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            updates = int((f.metadata() or {}).get("updates", 0))
+        self.ema.load_state_dict({"weights": weights, "updates": updates})
+
+    def _gathered(self) -> contextlib.AbstractContextManager:
+        """Full parameters inside the block under ZeRO-3 (an all-gather); a no-op otherwise."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed  # noqa: PLC0415
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     @torch.no_grad()
     def sync_buffers(self) -> None:
@@ -366,7 +418,8 @@ class Engine:
         if self.ema is not None:
             if ema_state is None:
                 log.warning("checkpoint %s has no EMA state: EMA restarts from the loaded weights", path)
-                self.ema = ModelEMA(self._gathered_copy(), self.ema.decay, self.ema.warmup_steps)
+                with self._gathered():
+                    self.ema.load_state_dict({"weights": dict(_named_tensors(self.module)), "updates": 0})
             else:
                 self.ema.load_state_dict(ema_state)
         per_rank = state.get(_CLIENT_KEY) or [{}]
@@ -377,16 +430,6 @@ class Engine:
                         path, len(per_rank), world)
             return dict(per_rank[0])
         return dict(per_rank[rank])
-
-    def _gathered_copy(self) -> nn.Module:
-        import copy  # noqa: PLC0415
-
-        if self.zero_stage != 3:
-            return self.module
-        import deepspeed  # noqa: PLC0415
-
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-            return copy.deepcopy(self.module)
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 state dict (CPU tensors), same keys as ``module.state_dict()``.
