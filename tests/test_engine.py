@@ -3,6 +3,7 @@ ZeRO 0/2/3, exact save/load round trips, consolidated fp32 weights, EMA."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -72,7 +73,7 @@ def test_importing_the_engine_does_nothing() -> None:
     code = ("import sys, os, torch.distributed as d, trainer.engine; "
             "assert 'deepspeed' not in sys.modules; assert not d.is_initialized(); "
             "assert 'MASTER_PORT' not in os.environ")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
@@ -263,8 +264,6 @@ def test_engine_ema_follows_the_weights(stage: int) -> None:
 
 
 def _two_rank_worker(rank: int, port: int, stage: int, ckpt: str, queue) -> None:
-    import os
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
