@@ -30,7 +30,7 @@ from ..simulate import parse_scheme, simulate
 from ..storage import storage_options
 from .common import ConversionReport, ImageTask, image_records, image_url, write_split
 
-__all__ = ["load_json", "categories", "image_key", "coco_full_matrix", "build_coco"]
+__all__ = ["load_json", "categories", "image_key", "read_images", "annotated_classes", "coco_full_matrix", "build_coco"]
 
 
 def load_json(url: str) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def image_key(img: dict[str, Any]) -> tuple[str, str]:
     return name, posixpath.splitext(posixpath.basename(name))[0]
 
 
-def _images(data: dict[str, Any], where: str, report: ConversionReport) -> list[dict[str, Any]]:
+def read_images(data: dict[str, Any], where: str, report: ConversionReport) -> list[dict[str, Any]]:
     """Images in id order, each id once; bad and duplicate entries reported."""
     out: dict[int, dict[str, Any]] = {}
     for img in data["images"]:
@@ -82,7 +82,7 @@ def _images(data: dict[str, Any], where: str, report: ConversionReport) -> list[
     return [out[i] for i in sorted(out)]
 
 
-def _annotated_classes(
+def annotated_classes(
     data: dict[str, Any], row: dict[int, int], cat_index: dict[int, int], where: str, report: ConversionReport
 ) -> Iterator[tuple[int, int]]:
     """(image row, class index) of every usable annotation."""
@@ -108,10 +108,10 @@ def coco_full_matrix(
 ) -> tuple[list[ClassInfo], list[dict[str, Any]], np.ndarray]:
     """Classes, images in id order, and the full label matrix bool [N, C]."""
     classes, cat_index = categories(data, where)
-    images = _images(data, where, report)
+    images = read_images(data, where, report)
     row = {img["id"]: i for i, img in enumerate(images)}
     full = np.zeros((len(images), len(classes)), dtype=bool)
-    for r, c in _annotated_classes(data, row, cat_index, where, report):
+    for r, c in annotated_classes(data, row, cat_index, where, report):
         full[r, c] = True
     return classes, images, full
 

@@ -38,6 +38,7 @@ __all__ = [
     "load_image",
     "resize_short_edge",
     "merge_target",
+    "ImageTask",
     "image_records",
     "write_split",
 ]

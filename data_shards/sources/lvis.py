@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import numpy as np
 
 from ..format import ClassInfo, Manifest
-from .coco import _annotated_classes, _images, categories, image_key, load_json
+from .coco import annotated_classes, read_images, categories, image_key, load_json
 from .common import ConversionReport, ImageTask, image_records, image_url, write_split
 
 __all__ = ["lvis_labels", "build_lvis"]
@@ -50,10 +49,10 @@ def lvis_labels(
 ) -> tuple[list[ClassInfo], list[dict[str, Any]], list[tuple[list[int], list[int]]]]:
     """Classes, images in id order, and each image's (pos, neg) class indices."""
     classes, cat_index = categories(data, where)
-    images = _images(data, where, report)
+    images = read_images(data, where, report)
     row = {img["id"]: i for i, img in enumerate(images)}
     pos_sets: list[set[int]] = [set() for _ in images]
-    for r, c in _annotated_classes(data, row, cat_index, where, report):
+    for r, c in annotated_classes(data, row, cat_index, where, report):
         pos_sets[r].add(c)
     labels = []
     for img, pos in zip(images, pos_sets):

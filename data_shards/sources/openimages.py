@@ -28,7 +28,6 @@ keyed by MID only.
 from __future__ import annotations
 
 import csv
-import io
 from contextlib import closing
 from typing import Iterator
 
