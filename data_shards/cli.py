@@ -73,12 +73,15 @@ def synthetic(out, train, val, image_size, scheme, val_scheme, seed, shard_sampl
 @_shard_samples
 @_workers_opt
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="stop after this many images")
-def openimages(labels, classes, images, out, split, descriptions, strict, resize, shard_samples, workers, limit) -> None:
+@click.option("--skip-unknown", is_flag=True, help="rows of classes outside --classes are skipped, not problems "
+              "(the verified-label CSV covers ~20k classes, the trainable list 9,600)")
+def openimages(labels, classes, images, out, split, descriptions, strict, resize, shard_samples, workers, limit, skip_unknown) -> None:
     """Convert OpenImages V6 image-level labels and images to shards."""
     from .sources.openimages import build_openimages
 
     m, report = build_openimages(labels, classes, images, out, split=split, descriptions=descriptions, strict=strict,
-                                 resize=resize, shard_samples=shard_samples, workers=_workers(workers), limit=limit)
+                                 resize=resize, shard_samples=shard_samples, workers=_workers(workers), limit=limit,
+                                 skip_unknown=skip_unknown)
     _done(out, m, split, report)
 
 
