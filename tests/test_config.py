@@ -130,3 +130,10 @@ def test_bad_file_contents(tmp_path) -> None:
 def test_config_crosses_process_boundary_as_plain_data() -> None:
     cfg = load_config("synthetic-cpu", ["deepspeed.zero_stage=3"])
     assert Config.model_validate(cfg.model_dump()) == cfg
+
+
+def test_round_trip_through_s3(s3_bucket: str) -> None:
+    cfg = load_config("synthetic-cpu", [f"run.storage={s3_bucket}/runs"])
+    url = f"{s3_bucket}/runs/exp/config.yaml"
+    cfg.save_resolved(url)
+    assert load_config(url, []) == cfg

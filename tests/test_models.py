@@ -148,3 +148,17 @@ def test_param_groups_skip_frozen_and_empty() -> None:
     assert [len(g["params"]) for g in param_groups(model, 0.1)] == [1]
     model.weight.requires_grad_(False)
     assert param_groups(model, 0.1) == []
+
+
+def test_pretrained_from_an_fsspec_url(s3_bucket: str, tmp_path) -> None:
+    import fsspec
+
+    torch.manual_seed(3)
+    source = build_model(ModelConfig(name="small-cnn"), 4)
+    local = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(local))
+    url = f"{s3_bucket}/weights/w.safetensors"
+    with fsspec.open(url, "wb") as f:
+        f.write(local.read_bytes())
+    model = build_model(ModelConfig(name="small-cnn", pretrained=url), 4)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
