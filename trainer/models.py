@@ -39,6 +39,7 @@ __all__ = [
     "PretrainedReport",
     "ResNet50",
     "SmallCNN",
+    "TimmClassifier",
     "build_model",
     "load_pretrained",
     "make_head",
