@@ -89,8 +89,18 @@ class LossConfig(_Section):
     extra: dict[str, Any] = Field(default_factory=dict, description="parameters of losses not typed above")
 
     def params(self) -> dict[str, Any]:
-        """Keyword arguments for ``build_loss(name, prior=..., **params)``: set fields only."""
-        typed = {k: v for k, v in self.model_dump(exclude={"name", "extra"}).items() if v is not None}
+        """Keyword arguments for ``build_loss(name, prior=..., **params)``.
+
+        Typed fields are shared by the whole zoo, so a preset written for ``csl`` keeps working
+        when ``loss.name=ignore`` is overridden (the two-stage pipeline does exactly that): a
+        typed field goes only to losses that take it. ``extra`` is passed as given, so the loss
+        builder rejects a parameter there that the loss does not know.
+        """
+        from trainer.losses import loss_params  # the registry owns what each loss accepts
+
+        accepted = set(loss_params(self.name))
+        typed = {k: v for k, v in self.model_dump(exclude={"name", "extra"}).items()
+                 if v is not None and k in accepted}
         clash = sorted(set(typed) & set(self.extra))
         if clash:
             raise ConfigError(f"config key 'loss.extra' repeats typed loss parameter(s): {', '.join(clash)}")
