@@ -12,6 +12,7 @@ and works as a container health check.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -27,6 +28,77 @@ def app() -> None:
 
 
 app.add_command(shards_app)
+
+_overrides = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+_checkpoint = click.option("--checkpoint", required=True, help="a run folder (its latest complete checkpoint) or one checkpoint folder")
+_weights = click.option("--weights", type=click.Choice(["auto", "ema", "model"]), default="auto", show_default=True,
+                        help="EMA weights (auto: when the run kept an EMA) or the raw model")
+
+
+@app.command("train")
+@click.option("--config", "config", default="synthetic-cpu", show_default=True, help="a preset name or a YAML file")
+@_overrides
+def train(config: str, overrides: tuple[str, ...]) -> None:
+    """Train (or resume, with the same run.name) on a Ray cluster with DeepSpeed."""
+    from .config import load_config
+    from .launch import launch
+
+    metrics = launch(load_config(config, list(overrides)))
+    click.echo(json.dumps(metrics))
+
+
+@app.command("eval")
+@_checkpoint
+@click.option("--data", required=True, help="dataset root")
+@click.option("--split", default="val", show_default=True)
+@_weights
+@click.option("--per-class", "per_class", default=None, help="write per-class AP to this CSV")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--json", "as_json", is_flag=True)
+def evaluate(checkpoint, data, split, weights, per_class, batch_size, workers, as_json) -> None:
+    """mAP(C) and mAP(O) over the annotated labels of a split."""
+    from .inference import evaluate_checkpoint
+
+    res = evaluate_checkpoint(checkpoint, data, split, weights=weights, batch_size=batch_size, workers=workers,
+                              per_class_csv=per_class)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"{res['checkpoint']} ({res['weights']} weights, step {res['step']}) on {data} [{split}]: "
+                   f"mAP(C) {res['map_c']:.2f}  mAP(O) {res['map_o']:.2f}  over {res['num_valid']} classes, {res['samples']} samples")
+
+
+@app.command("predict")
+@_checkpoint
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@_weights
+@click.option("--json", "as_json", is_flag=True)
+def predict_cmd(checkpoint, images, top_k, weights, as_json) -> None:
+    """Top-k class names and scores for image files (paths or URLs)."""
+    from .inference import load_checkpoint, predict
+
+    res = predict(load_checkpoint(checkpoint, weights), images, top_k)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    for r in res:
+        click.echo(r["image"])
+        for t in r["top"]:
+            click.echo(f"  {t['score']:.3f}  {t['name']}  ({t['class_id']})")
+
+
+@app.command("export")
+@_checkpoint
+@click.option("--out", required=True, help="output .safetensors (the class list goes beside it as .classes.json)")
+@_weights
+def export(checkpoint, out, weights) -> None:
+    """One fp32 safetensors state dict (ZeRO shards consolidated) plus the class list."""
+    from .inference import export_checkpoint
+
+    res = export_checkpoint(checkpoint, out, weights)
+    click.echo(f"wrote {res['out']} ({res['tensors']} tensors, {res['weights']} weights, step {res['step']}) and {res['classes']}")
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,0 +1,167 @@
+"""`csl train` for real: a local Ray cluster (2 CPU workers), DeepSpeed on gloo, tiny data.
+
+Each run is a `csl` subprocess that starts (and, at exit, stops) its own local Ray, exactly as
+a user's command would. Failures are injected with `CSL_FAULT_INJECT` (a worker SIGKILLs
+itself after a given step, once) and samples are traced with `CSL_RECORD_KEYS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+CSL = str(Path(sys.executable).with_name("csl"))
+BASE = ["data.image_size=32", "data.batch_size=16", "data.workers=0", "train.log_every=2", "cluster.workers=2"]
+
+
+def csl(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    p = subprocess.run([CSL, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return p
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"rc={p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    from data_shards.sources.synthetic import build_synthetic
+
+    root = str(tmp_path_factory.mktemp("data") / "syn")
+    build_synthetic(root, train=256, val=64, image_size=32, shard_samples=48, seed=1, progress=False)
+    return root
+
+
+def latest_ckpt(run_dir: Path) -> Path:
+    snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    return run_dir / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    p = csl("train", "--config", "synthetic-cpu", "train.epocs=3")
+    assert p.returncode == 2 and "train.epocs" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    missing = tmp_path / "nowhere"
+    p = csl("train", "--config", "synthetic-cpu", f"data.root={missing}")
+    assert p.returncode == 2 and str(missing) in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.integration
+def test_smoke_train_export_eval_predict(data_root, tmp_path, openimages_dir):
+    ok(csl("train", "--config", "synthetic-cpu", *BASE, f"data.root={data_root}", "train.max_steps=6",
+           "checkpoint.every_steps=3", f"run.storage={tmp_path}", "run.name=smoke", "deepspeed.zero_stage=2"))
+    run = tmp_path / "smoke"
+    assert (run / "config.yaml").exists()
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "epoch", "loss", "lr", "samples_per_s"} <= set(lines[0])
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["step"] == 6 and 0 <= ev["map_c"] <= 100 and ev["num_valid"] > 0
+    ckpt = latest_ckpt(run)
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "ds").is_dir()
+
+    out = tmp_path / "export" / "model.safetensors"
+    ok(csl("export", "--checkpoint", str(run), "--out", str(out), "--weights", "model"))
+    sd = load_file(str(out))
+    assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+    classes = json.loads(out.with_suffix("").with_suffix(".classes.json").read_text())
+    assert sd["fc.weight"].shape[0] == len(classes) == 31
+
+    p = ok(csl("eval", "--checkpoint", str(run), "--data", data_root, "--json", "--workers", "0"))
+    res = json.loads(p.stdout)
+    assert res["step"] == 6 and res["samples"] == 64 and res["map_c"] == pytest.approx(ev["ema_map_c"], abs=1e-6)
+
+    photo = sorted(openimages_dir.glob("images/*.jpg"))[0]
+    p = ok(csl("predict", "--checkpoint", str(run), str(photo), "--top-k", "3", "--json"))
+    top = json.loads(p.stdout)[0]["top"]
+    assert len(top) == 3 and all(t["name"] for t in top)
+
+
+def _keys_per_epoch(folder: Path, resume_step: int | None) -> dict[int, Counter]:
+    """Samples that fed kept optimizer steps: a killed attempt's steps after the checkpoint
+    it resumes from were redone, so they do not count."""
+    rows = [ln.split() for f in folder.glob("rank*.txt") for ln in f.read_text().splitlines()]
+    pids = list(dict.fromkeys(r[0] for r in sorted(rows, key=lambda r: int(r[2]))))
+    out: dict[int, Counter] = {}
+    for pid, epoch, step, key in rows:
+        if resume_step is not None and pid == pids[0] and len(pids) > 1 and int(step) > resume_step:
+            continue
+        out.setdefault(int(epoch), Counter())[key] += 1
+    return out
+
+
+@pytest.mark.integration
+def test_exact_resume_after_kill(data_root, tmp_path):
+    common = ["--config", "synthetic-cpu", *BASE, f"data.root={data_root}", "train.epochs=2",
+              "checkpoint.every_steps=4", f"run.storage={tmp_path}", "deepspeed.zero_stage=3", "loss.name=pasl"]
+    ok(csl("train", *common, "run.name=straight", env={"CSL_RECORD_KEYS": str(tmp_path / "keys_a")}))
+
+    env = {"CSL_FAULT_INJECT": f"0:6:{tmp_path / 'fired'}", "CSL_RECORD_KEYS": str(tmp_path / "keys_b")}
+    p = csl("train", *common, "run.name=killed", "cluster.max_failures=0", env=env)
+    assert p.returncode == 1 and (tmp_path / "fired").exists(), p.stderr[-3000:]
+    assert latest_ckpt(tmp_path / "killed").name == "checkpoint_00000004"
+    p = ok(csl("train", *common, "run.name=killed", "cluster.max_failures=0", env={"CSL_RECORD_KEYS": env["CSL_RECORD_KEYS"]}))
+    assert "resuming run 'killed' from" in p.stdout
+
+    a, b = latest_ckpt(tmp_path / "straight"), latest_ckpt(tmp_path / "killed")
+    assert a.name == b.name
+    for f in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / f)), load_file(str(b / f))
+        assert wa.keys() == wb.keys()
+        diff = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if wa[k].is_floating_point())
+        assert diff <= 1e-5, f"{f}: max abs difference {diff}"
+
+    all_keys = None
+    for keys in (_keys_per_epoch(tmp_path / "keys_a", None), _keys_per_epoch(tmp_path / "keys_b", 4)):
+        assert sorted(keys) == [0, 1]
+        for epoch, counts in keys.items():
+            assert set(counts.values()) == {1}, f"epoch {epoch}: some sample seen twice"
+            all_keys = all_keys or set(counts)
+            assert set(counts) == all_keys and len(all_keys) == 256
+
+
+@pytest.mark.integration
+def test_worker_failure_resumes_from_last_checkpoint(data_root, tmp_path):
+    marker = tmp_path / "fired"
+    p = ok(csl("train", "--config", "synthetic-cpu", *BASE, f"data.root={data_root}", "train.max_steps=8",
+               "checkpoint.every_steps=3", f"run.storage={tmp_path}", "run.name=flaky", "cluster.max_failures=1",
+               "deepspeed.zero_stage=0", env={"CSL_FAULT_INJECT": f"1:5:{marker}"}))
+    assert marker.read_text().startswith("rank 1 killed at step 5")
+    assert "resumed at step 3" in p.stdout + p.stderr
+    assert json.loads((tmp_path / "flaky" / "eval.json").read_text())["step"] == 8
+
+
+@pytest.mark.integration
+def test_resume_with_other_world_size_stops_with_advice(data_root, tmp_path):
+    args = ["--config", "synthetic-cpu", *BASE, f"data.root={data_root}", "train.max_steps=2", "checkpoint.every_steps=2",
+            f"run.storage={tmp_path}", "run.name=ws"]
+    ok(csl("train", *args))
+    p = csl("train", *args, "cluster.workers=1", "train.max_steps=4")
+    assert p.returncode == 2 and "cluster.workers=2" in p.stderr and "model.pretrained=" in p.stderr
+
+
+@pytest.mark.integration
+def test_data_and_storage_on_s3(s3_bucket, tmp_path):
+    import s3fs
+
+    from data_shards.sources.synthetic import build_synthetic
+
+    root = f"{s3_bucket}/data"
+    build_synthetic(root, train=96, val=32, image_size=32, shard_samples=32, seed=2, progress=False)
+    ok(csl("train", "--config", "synthetic-cpu", *BASE, f"data.root={root}", "train.max_steps=4",
+           "checkpoint.every_steps=2", f"run.storage={s3_bucket}/runs", "run.name=s3run", "deepspeed.zero_stage=0"))
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    run = f"{s3_bucket[5:]}/runs/s3run"
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
+    assert {"config.yaml", "metrics.jsonl", "eval.json", "checkpoint_manager_snapshot.json"} <= names
+    assert any(n.startswith("checkpoint_0000000") for n in names)
+    assert json.loads(fs.cat_file(f"{run}/eval.json"))["step"] == 4

@@ -1,0 +1,162 @@
+"""The Ray driver: one `TorchTrainer` per `csl train`, resumable by run name.
+
+The run folder is `{run.storage}/{run.name}` (a local folder or an fsspec URL). Ray Train V2
+keeps its checkpoint bookkeeping there (`checkpoint_manager_snapshot.json`), so starting the
+same command again, with the same run name, finds the latest *complete* checkpoint: Ray
+registers a checkpoint only after every rank has reported it, so a checkpoint half written by
+a dying worker is never resumed from. After a worker failure inside one run, Ray restarts the
+worker group (up to `cluster.max_failures` times) and the loop resumes the same way.
+
+Everything the workers need crosses the Ray boundary as plain data (the config as a dict and
+the run folder as a string); the worker rebuilds the typed config (see `loop.py`).
+
+Remote storage goes through our own fsspec filesystem wrapped for pyarrow, so Ray sees the
+same endpoint and credentials as the data reader (e.g. a MinIO or the test server).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from data_shards.storage import get_fs, is_remote, join, read_manifest
+
+from .config import Config
+
+__all__ = ["run_dir_of", "latest_checkpoint", "launch", "resolve_checkpoint", "check_inputs", "check_resumable"]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def run_dir_of(cfg: Config) -> str:
+    storage = cfg.run.storage if is_remote(cfg.run.storage) else os.path.abspath(cfg.run.storage)
+    return join(storage, cfg.run.name)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The latest checkpoint Ray registered as complete in a run folder, or None."""
+    fs, path = get_fs(join(run_dir, SNAPSHOT))
+    try:
+        with fs.open(path, "rb") as f:
+            snap = json.load(f)
+    except FileNotFoundError:
+        return None
+    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    return join(run_dir, latest) if latest else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run folder (its latest complete checkpoint) or one checkpoint folder."""
+    fs, p = get_fs(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if fs.exists(join(p, "csl_state.json")):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint folder (no csl_state.json) nor a run folder with a complete checkpoint")
+    return latest
+
+
+def _storage_for_ray(run_storage: str) -> tuple[str, Any]:
+    if not is_remote(run_storage):
+        return os.path.abspath(run_storage), None
+    import pyarrow.fs as pafs
+
+    fs, path = get_fs(run_storage)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fail fast, before any worker starts, on a missing data root or prior file."""
+    manifest = read_manifest(cfg.data.root)  # names the path when missing
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        manifest.split(split)
+    from .losses import build_loss
+
+    if cfg.prior.path:
+        from .priors import read_priors
+
+        read_priors(cfg.prior.path, manifest)
+    elif cfg.loss.name == "csl-soft":
+        raise ValueError("loss 'csl-soft' needs prior.path (a priors CSV from `csl prior`)")
+    build_loss(cfg.loss.name, prior=None, **cfg.loss.params())  # bad loss params: exit 2 now
+
+
+def check_resumable(cfg: Config, checkpoint: str) -> None:
+    """Refuse, before any worker starts, a resume whose optimizer state cannot be exact.
+
+    ZeRO partitions optimizer state by rank and the data cursor is planned per world size:
+    loading them into another world size would silently mix state. The consolidated weights
+    in the checkpoint are the way to continue with another size, as a new run.
+    """
+    fs, path = get_fs(join(checkpoint, "csl_state.json"))
+    with fs.open(path, "rb") as f:
+        state = json.load(f)
+    if state["world_size"] != cfg.cluster.workers:
+        raise ValueError(
+            f"run {cfg.run.name!r}: checkpoint {checkpoint} was written by {state['world_size']} workers, this run has "
+            f"cluster.workers={cfg.cluster.workers}; resume with cluster.workers={state['world_size']}, or start a new "
+            f"run.name with model.pretrained={join(checkpoint, 'model.safetensors')} (weights only, fresh optimizer)"
+        )
+
+
+def _ensure_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def launch(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) training; returns the final metrics reported by rank 0."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    check_inputs(cfg)
+    run_dir = run_dir_of(cfg)
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from:
+        check_resumable(cfg, resume_from)
+        print(f"resuming run {cfg.run.name!r} from {resume_from}", flush=True)
+    else:
+        print(f"starting run {cfg.run.name!r} in {run_dir}", flush=True)
+    cfg.save_resolved(join(run_dir, "config.yaml"))
+
+    _ensure_ray(cfg)
+    storage_path, storage_fs = _storage_for_ray(cfg.run.storage)
+    use_gpu = cfg.cluster.gpus_per_worker > 0
+    resources = {"CPU": cfg.cluster.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.cluster.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.cluster.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training run {cfg.run.name!r} failed: {result.error}") from result.error
+    print(f"run {cfg.run.name!r} finished in {time.time() - t0:.0f}s; checkpoint {result.checkpoint.path if result.checkpoint else None}", flush=True)
+    return dict(result.metrics or {})
