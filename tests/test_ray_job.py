@@ -15,8 +15,8 @@ Isolation, because other tests and engineers may run Ray on this machine at the 
   `ray stop` is never called: it stops *every* Ray process on the machine. Tear-down sends
   SIGTERM to our `ray start --block` (which stops the processes it started), then kills any
   survivor whose command line names our temp dir, by PID.
-- Ray 2.60 turns token authentication on for a new cluster and would otherwise share the
-  user's `~/.ray/auth_token`; the head gets its own random token (a file in its temp dir,
+- `ray start` (Ray 2.60) turns token authentication on whenever a token exists in
+  `~/.ray/auth_token` (one does on this machine) and would share it; the head gets its own random token (a file in its temp dir,
   via `RAY_AUTH_TOKEN_PATH`) and the client sends it as a bearer header, so nothing here
   reads or writes the user's token or changes this process's Ray settings. The job's
   entrypoint inherits the head's environment, so `csl train` authenticates the same way.
