@@ -16,10 +16,11 @@ Isolation, because other tests and engineers may run Ray on this machine at the 
   SIGTERM to our `ray start --block` (which stops the processes it started), then kills any
   survivor whose command line names our temp dir, by PID.
 - `ray start` (Ray 2.60) turns token authentication on whenever a token exists in
-  `~/.ray/auth_token` (one does on this machine) and would share it; the head gets its own random token (a file in its temp dir,
-  via `RAY_AUTH_TOKEN_PATH`) and the client sends it as a bearer header, so nothing here
-  reads or writes the user's token or changes this process's Ray settings. The job's
-  entrypoint inherits the head's environment, so `csl train` authenticates the same way.
+  `~/.ray/auth_token` (one does on this machine) and would share it. The head gets its own
+  random token (a file in its temp dir, via `RAY_AUTH_TOKEN_PATH`) and the client sends it
+  as a bearer header, so nothing here reads or writes the user's token or changes this
+  process's Ray settings. The job's entrypoint inherits the head's environment, so
+  `csl train` authenticates the same way.
 """
 
 from __future__ import annotations
