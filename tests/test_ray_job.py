@@ -13,8 +13,10 @@ Isolation, because other tests and engineers may run Ray on this machine at the 
 - the head has its own short `--temp-dir` (a Unix socket path must stay under ~107 bytes);
 - the head runs under `ray start --block` in a process this test owns, in its own session.
   `ray stop` is never called: it stops *every* Ray process on the machine. Tear-down sends
-  SIGTERM to our `ray start --block` (which stops the processes it started), then kills any
-  survivor whose command line names our temp dir, by PID.
+  SIGTERM to our `ray start --block` (which stops the processes it started), then kills
+  survivors: by PID where the command line names our temp dir, and by the process group of
+  the session we created (the dashboard and runtime-env agents rename themselves
+  `ray::DashboardAgent` and were seen outliving the raylet).
 - `ray start` (Ray 2.60) turns token authentication on whenever a token exists in
   `~/.ray/auth_token` (one does on this machine) and would share it. The head gets its own
   random token (a file in its temp dir, via `RAY_AUTH_TOKEN_PATH`) and the client sends it
