@@ -90,10 +90,13 @@ def _keys_per_epoch(folder: Path, resume_step: int | None) -> dict[int, Counter]
     """Samples that fed kept optimizer steps: a killed attempt's steps after the checkpoint
     it resumes from were redone, so they do not count."""
     rows = [ln.split() for f in folder.glob("rank*.txt") for ln in f.read_text().splitlines()]
-    pids = list(dict.fromkeys(r[0] for r in sorted(rows, key=lambda r: int(r[2]))))
+    first_step: dict[str, int] = {}
+    for pid, _, step, _ in rows:
+        first_step[pid] = min(first_step.get(pid, 1 << 30), int(step))
     out: dict[int, Counter] = {}
     for pid, epoch, step, key in rows:
-        if resume_step is not None and pid == pids[0] and len(pids) > 1 and int(step) > resume_step:
+        killed_attempt = resume_step is not None and first_step[pid] == 1
+        if killed_attempt and int(step) > resume_step:
             continue
         out.setdefault(int(epoch), Counter())[key] += 1
     return out

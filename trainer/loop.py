@@ -109,8 +109,11 @@ class _RunLog:
 
 def _fault_hook(rank: int) -> Callable[[int], None]:
     """Fault injection for failure tests: `CSL_FAULT_INJECT=RANK:STEP:MARKER` makes that rank
-    SIGKILL itself right after optimizer step STEP, once (the marker file records that it
-    fired, so the restarted worker trains on). Unset, it costs one comparison per step."""
+    SIGKILL itself after optimizer step STEP, once (the marker file records that it fired, so
+    the restarted worker trains on). It waits `CSL_FAULT_DELAY_S` (3 s) first: Ray's
+    controller registers a reported checkpoint at its next poll of the workers (every 2 s),
+    and a kill inside that window rightly loses the checkpoint, which would make a test's
+    expected resume point a race. Unset, it costs one comparison per step."""
     spec = os.environ.get("CSL_FAULT_INJECT")
     if not spec:
         return lambda step: None
@@ -118,6 +121,7 @@ def _fault_hook(rank: int) -> Callable[[int], None]:
 
     def hook(step: int) -> None:
         if rank == int(f_rank) and step == int(f_step) and not os.path.exists(marker):
+            time.sleep(float(os.environ.get("CSL_FAULT_DELAY_S", "3")))
             with open(marker, "w") as f:
                 f.write(f"rank {rank} killed at step {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
