@@ -144,12 +144,14 @@ def test_worker_failure_resumes_from_last_checkpoint(data_root, tmp_path):
 
 
 @pytest.mark.integration
-def test_resume_with_other_world_size_stops_with_advice(data_root, tmp_path):
+def test_resume_with_other_world_size_or_schedule_stops_with_advice(data_root, tmp_path):
     args = ["--config", "synthetic-cpu", *BASE, f"data.root={data_root}", "train.max_steps=2", "checkpoint.every_steps=2",
             f"run.storage={tmp_path}", "run.name=ws"]
     ok(csl("train", *args))
-    p = csl("train", *args, "cluster.workers=1", "train.max_steps=4")
+    p = csl("train", *args, "cluster.workers=1")
     assert p.returncode == 2 and "cluster.workers=2" in p.stderr and "model.pretrained=" in p.stderr
+    p = csl("train", *args, "train.max_steps=4", "optim.lr=0.01")
+    assert p.returncode == 2 and "train.max_steps: 2 -> 4" in p.stderr and "optim.lr" in p.stderr
 
 
 @pytest.mark.integration

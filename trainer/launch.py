@@ -88,6 +88,28 @@ def check_inputs(cfg: Config) -> None:
     build_loss(cfg.loss.name, prior=None, **cfg.loss.params())  # bad loss params: exit 2 now
 
 
+# Settings a resumed run must share with its checkpoint: they fix the LR schedule (OneCycle is
+# built for a total step count), the optimizer state's shape, the model and the data order.
+_TRAJECTORY = {
+    "data": ("batch_size", "image_size", "shuffle_buffer", "train_split"),
+    "model": ("name", "head", "bottleneck_dim"),
+    "loss": None,
+    "optim": None,
+    "train": ("epochs", "seed", "max_steps", "grad_accum", "precision", "ema_decay", "ema_warmup_steps"),
+    "deepspeed": None,
+}
+
+
+def _trajectory_changes(old: Config, new: Config) -> list[str]:
+    out = []
+    for section, keys in _TRAJECTORY.items():
+        a, b = getattr(old, section).model_dump(), getattr(new, section).model_dump()
+        for k in keys or sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                out.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
 def check_resumable(cfg: Config, checkpoint: str) -> None:
     """Refuse, before any worker starts, a resume whose optimizer state cannot be exact.
 
@@ -98,6 +120,13 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
     fs, path = get_fs(join(checkpoint, "csl_state.json"))
     with fs.open(path, "rb") as f:
         state = json.load(f)
+    changed = _trajectory_changes(Config.model_validate(state["config"]), cfg)
+    if changed:
+        raise ValueError(
+            f"run {cfg.run.name!r}: resuming with changed settings ({'; '.join(changed)}); the checkpoint's LR "
+            f"schedule, optimizer state and data order were built for the old ones. Resume with the same settings, or "
+            f"start a new run.name with model.pretrained={join(checkpoint, 'model.safetensors')}"
+        )
     if state["world_size"] != cfg.cluster.workers:
         raise ValueError(
             f"run {cfg.run.name!r}: checkpoint {checkpoint} was written by {state['world_size']} workers, this run has "
