@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_shards.decode import decode_image
+from data_shards.decode import decode_image, normalize
 from data_shards.format import ClassInfo, Record
 from data_shards.partition import rank_batches
 from data_shards.stream import ResumeError, ShardStream
@@ -209,6 +209,40 @@ def test_torchtitan_style_40_batches_then_rebuild(big):
     rebuilt = ShardStream(big, "train", **kw)
     rebuilt.load_state_dict(state)
     assert _same(list(rebuilt), ref[40:])
+
+
+def test_persistent_workers_follow_the_cursor(ds):
+    """One set of worker processes serves every epoch; set_epoch, load_state_dict and an early
+    stop reach them, and their batches equal those of workers forked for each epoch."""
+    kw = dict(batch_size=3, image_size=8, num_workers=2, seed=5, shuffle_buffer=4)
+    fresh = ShardStream(ds, "train", persistent_workers=False, **kw)
+    e0, e1 = list(fresh), list(fresh)
+    assert fresh._loader is None or getattr(fresh._loader, "_iterator", None) is None
+    s = ShardStream(ds, "train", **kw)
+    assert _same(list(s), e0)
+    pids = [w.pid for w in s._loader._iterator._workers]
+    assert _same(take(s, 2), e1[:2])  # stopped mid-epoch: prefetched batches must be discarded
+    s.load_state_dict({**s.state_dict(), "epoch": 0, "batch": 4})
+    assert _same(list(s), e0[4:])
+    assert _same(list(s), e1)
+    s.set_epoch(0)
+    assert _same(list(s), e0)
+    assert [w.pid for w in s._loader._iterator._workers] == pids
+    s.close()
+    assert s._loader is None
+    assert _same(list(s), e1)  # closing only costs a fresh start
+
+
+def test_uint8_output_is_the_float_output_before_normalize(ds):
+    kw = dict(batch_size=4, image_size=8, seed=3, shuffle_buffer=5)
+    f = list(ShardStream(ds, "train", **kw))
+    u = list(ShardStream(ds, "train", output="uint8", **kw))
+    assert [b["key"] for b in f] == [b["key"] for b in u]
+    for a, b in zip(f, u):
+        assert b["image"].dtype == torch.uint8 and b["image"].shape == (len(b["key"]), 8, 8, 3)
+        assert torch.equal(normalize(b["image"]), a["image"])
+    with pytest.raises(ValueError, match="output"):
+        ShardStream(ds, "train", batch_size=4, image_size=8, output="fp16")
 
 
 def test_cursor_is_rank_independent_and_checked(ds):
