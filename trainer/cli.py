@@ -101,6 +101,31 @@ def export(checkpoint, out, weights) -> None:
     click.echo(f"wrote {res['out']} ({res['tensors']} tensors, {res['weights']} weights, step {res['step']}) and {res['classes']}")
 
 
+@app.command("prior")
+@_checkpoint
+@click.option("--data", required=True, help="dataset root")
+@click.option("--split", default="train", show_default=True)
+@click.option("--out", required=True, help="priors CSV (local or URL); <stem>.json and <stem>.png go beside it")
+@_weights
+@click.option("--actors", default=None, type=click.IntRange(min=1), help="model actors [default: cluster CPUs (or GPUs) / per-actor share]")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--cpus-per-actor", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--no-progress", is_flag=True)
+def prior(checkpoint, data, split, out, weights, actors, batch_size, cpus_per_actor, gpus_per_actor, no_progress) -> None:
+    """Label prior (paper 1 eq. 10-11): mean sigmoid output of an Ignore model over a split, on Ray."""
+    from .prior_pass import estimate_priors
+
+    res = estimate_priors(checkpoint, data, out, split=split, weights=weights, actors=actors, batch_size=batch_size,
+                         cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, progress=not no_progress)
+    sp = f"Spearman vs annotation counts {res['spearman_vs_counts']}"
+    if "spearman_vs_truth" in res:
+        sp += f", vs truth {res['spearman_vs_truth']} (counts vs truth {res['spearman_counts_vs_truth']})"
+    click.echo(f"{res['samples']} samples scored of {res['manifest_samples']} in the manifest ({res['corrupt']} corrupt) "
+               f"by {res['actors']} actors in {res['seconds']}s, {res['weights']} weights of {res['checkpoint']}; {sp}")
+    click.echo(f"wrote {res['outputs']['csv']}, {res['outputs']['json']}, {res['outputs']['png']}")
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split())

@@ -1,0 +1,252 @@
+"""Label priors: the CSV formats, the online RunningPrior, the driver's reduction, and the Ray
+prior pass against a single-process reference (paper 1 eq. 10: the mean sigmoid output).
+
+The integration tests build a checkpoint folder by hand (untrained small-cnn, fixed seed, in
+the layout loop.py writes): the pass's arithmetic does not care whether the weights are good.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_shards.format import ClassInfo, Manifest, Record
+from data_shards.storage import read_manifest
+from trainer.prior_pass import PriorReduction, output_paths, shard_sums, write_checkpoint
+from trainer.priors import RunningPrior, read_priors, write_priors
+
+CSL = str(Path(sys.executable).with_name("csl"))
+
+
+def _manifest(names: list[str]) -> Manifest:
+    return Manifest(classes=[ClassInfo(id=f"/m/{i}", name=n) for i, n in enumerate(names)], splits={})
+
+
+# ---------------------------------------------------------------------------------------
+# CSV formats
+
+
+def test_priors_csv_round_trip_and_reference_format(tmp_path):
+    m = _manifest(["Person", "White", "Daytime"])
+    write_priors(str(tmp_path / "p.csv"), m, [0.5, 0.25, 0.125])
+    np.testing.assert_array_equal(read_priors(str(tmp_path / "p.csv"), m), np.float32([0.5, 0.25, 0.125]))
+    (tmp_path / "ref.csv").write_text("Classes,avg_pred\nDaytime,0.3\n/m/0,0.1\nWhite,0.2\n")
+    np.testing.assert_allclose(read_priors(str(tmp_path / "ref.csv"), m), [0.1, 0.2, 0.3], rtol=1e-6)
+    (tmp_path / "bad.csv").write_text("Classes,avg_pred\nDaytime,0.3\n")
+    with pytest.raises(ValueError, match="2 classes have no prior"):
+        read_priors(str(tmp_path / "bad.csv"), m)
+
+
+def test_output_paths():
+    assert output_paths("s3://b/x/priors.csv") == ("s3://b/x/priors.csv", "s3://b/x/priors.json", "s3://b/x/priors.png")
+    assert output_paths("out/p") == ("out/p", "out/p.json", "out/p.png")
+
+
+# ---------------------------------------------------------------------------------------
+# RunningPrior (the reference code's online estimator)
+
+
+def test_running_prior_cumulative_equals_mean_of_all_samples():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(b, 7, generator=g) for b in (5, 3, 8, 1)]
+    rp = RunningPrior(7)
+    for b in batches:
+        rp.update(b.to(torch.bfloat16).float())
+    ref = torch.cat([b.to(torch.bfloat16).float() for b in batches]).double().mean(0)
+    assert rp.count == 17
+    torch.testing.assert_close(rp.value(), ref, rtol=0, atol=1e-12)
+
+    again = RunningPrior(7)
+    again.load_state_dict(rp.state_dict())
+    torch.testing.assert_close(again.value(), rp.value(), rtol=0, atol=0)
+
+
+def test_running_prior_ema_is_bias_corrected():
+    rp = RunningPrior(2, decay=0.5)
+    rp.update(torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(rp.value(), torch.tensor([1.0, 0.0], dtype=torch.float64))  # no pull toward 0
+    rp.update(torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+    # weights 0.5 (old) and 0.5 (new batch mean [0, 0.5]), normalised by 1 - 0.5^2
+    torch.testing.assert_close(rp.value(), torch.tensor([0.25 / 0.75, 0.25 / 0.75], dtype=torch.float64))
+
+
+def test_running_prior_rejects_bad_input():
+    with pytest.raises(ValueError, match="no samples"):
+        RunningPrior(3).value()
+    with pytest.raises(ValueError, match=r"expected probs \[B, 3\]"):
+        RunningPrior(3).update(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="decay"):
+        RunningPrior(3, decay=1.0)
+    with pytest.raises(ValueError, match="decay"):
+        RunningPrior(3, decay=0.9).load_state_dict(RunningPrior(3).state_dict())
+
+
+# ---------------------------------------------------------------------------------------
+# the driver's reduction: exactly once
+
+
+def test_reduction_sums_in_float64_and_checks_every_shard_once():
+    red = PriorReduction([3, 2], 2)
+    red.add(1, np.array([1.0, 0.5]), 2, 0, np.array([1, 0]))
+    red.add(0, np.array([2.0, 0.5]), 2, 1, np.array([0, 2]))
+    np.testing.assert_allclose(red.finish(), [0.75, 0.25])
+    assert (red.count, red.corrupt, red.pos.tolist()) == (4, 1, [1, 2])
+    with pytest.raises(RuntimeError, match="counted twice"):
+        red.add(0, np.zeros(2), 3, 0)
+    short = PriorReduction([3, 2], 2)
+    with pytest.raises(RuntimeError, match="manifest says 3"):
+        short.add(0, np.zeros(2), 2, 0)
+    short.add(1, np.zeros(2), 2, 0)
+    with pytest.raises(RuntimeError, match="1 shards never reported"):
+        short.finish()
+
+
+# ---------------------------------------------------------------------------------------
+# fixtures: a tiny dataset and a hand-written checkpoint
+
+
+def _models(num_classes: int, image_size: int):
+    from trainer.config import load_config
+    from trainer.models import build_model
+
+    cfg = load_config("synthetic-cpu", [f"data.image_size={image_size}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes).eval()
+    torch.manual_seed(1)
+    ema = build_model(cfg.model, num_classes).eval()  # other weights: "auto" must pick these
+    return cfg, model, ema
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from data_shards.sources.synthetic import build_synthetic
+
+    base = tmp_path_factory.mktemp("prior")
+    root = str(base / "data")
+    m = build_synthetic(root, train=200, val=16, image_size=32, shard_samples=30, seed=1, progress=False)
+    cfg, model, ema = _models(m.num_classes, 32)
+    ckpt = write_checkpoint(str(base / "ckpt"), model.state_dict(), cfg.model_dump(mode="json"), m.classes,
+                            ema_state_dict=ema.state_dict())
+    return {"root": root, "ckpt": ckpt, "manifest": m, "ema": ema, "base": base}
+
+
+@torch.no_grad()
+def _reference_mean(model: torch.nn.Module, root: str, manifest: Manifest, split: str, size: int) -> tuple[np.ndarray, int]:
+    """One process, one sample at a time, float64: eq. 10 written out."""
+    from data_shards.decode import decode_image, to_tensor
+    from data_shards.stream import iter_shard
+
+    total, n = np.zeros(manifest.num_classes), 0
+    for s in manifest.split(split).shards:
+        for _, raw in iter_shard(os.path.join(root, s.path), 0, s.samples):
+            x = to_tensor(decode_image(raw.members["jpg"], size)[None])
+            total += model(x).sigmoid()[0].double().numpy()
+            n += 1
+    return total / n, n
+
+
+def test_shard_sums_counts_a_truncated_shard_as_corrupt(tiny, tmp_path):
+    s = tiny["manifest"].split("train").shards[0]
+    data = (Path(tiny["root"]) / s.path).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    out = shard_sums(tiny["ema"], str(cut), s.samples, image_size=32, num_classes=tiny["manifest"].num_classes, batch_size=8)
+    assert out["count"] + out["corrupt"] == s.samples and 0 < out["corrupt"] < s.samples
+    assert out["sum"].dtype == np.float64 and out["sum"].shape == (tiny["manifest"].num_classes,)
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tiny, tmp_path):
+    for args, needle in ((["--checkpoint", str(tmp_path / "nope"), "--data", tiny["root"]], "checkpoint not found"),
+                         (["--checkpoint", tiny["ckpt"], "--data", str(tmp_path / "nodata")], "dataset.json"),
+                         (["--checkpoint", tiny["ckpt"], "--data", tiny["root"], "--split", "test"], "split 'test'")):
+        p = subprocess.run([CSL, "prior", *args, "--out", str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# the Ray pass
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.mark.integration
+def test_prior_pass_two_actors_equals_single_process_mean(tiny, ray_cluster):
+    from trainer.prior_pass import estimate_priors
+
+    m = tiny["manifest"]
+    out = str(tiny["base"] / "out" / "priors.csv")
+    res = estimate_priors(tiny["ckpt"], tiny["root"], out, actors=2, batch_size=16, progress=False)
+    ref, n = _reference_mean(tiny["ema"], tiny["root"], m, "train", 32)
+
+    assert res["samples"] == n == m.split("train").samples == 200 and res["corrupt"] == 0
+    assert res["actors"] == 2 and res["weights"] == "ema"
+    est = read_priors(out, m)
+    np.testing.assert_allclose(est, ref, rtol=0, atol=1e-5)
+    summary = json.loads(Path(res["outputs"]["json"]).read_text())
+    assert summary["samples"] == 200 and summary["classes"] == m.num_classes and len(summary["top"]) == 20
+    assert {"ignore_model", "annotation_frequency"} <= set(summary["estimators"])
+    assert {"spearman_vs_counts", "spearman_vs_truth", "spearman_counts_vs_truth"} <= set(summary)
+    assert [t["prior"] for t in summary["top"]] == sorted((t["prior"] for t in summary["top"]), reverse=True)
+    freq = np.asarray(m.stats["train"].pos) / 200  # counted in the pass over the same samples
+    by_id = {t["class_id"]: t["annotation_frequency"] for t in summary["top"]}
+    assert all(by_id[c.id] == pytest.approx(freq[i], abs=1e-6) for i, c in enumerate(m.classes) if c.id in by_id)
+    assert Path(res["outputs"]["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _wide_dataset(root: str, num_classes: int, sizes: dict[str, int]) -> Manifest:
+    """Many classes, tiny images: a pass that kept per-sample outputs would show in RSS
+    (8,000 x 4,000 float32 is 128 MB; 2,000 x 4,000 is 32 MB)."""
+    import io
+
+    from PIL import Image
+
+    from data_shards.writer import write_dataset
+
+    rng = np.random.default_rng(0)
+
+    def records(split: str, n: int):
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), tuple(int(v) for v in rng.integers(0, 255, 3))).save(buf, format="JPEG")
+            pos = sorted(rng.choice(num_classes, 2, replace=False).tolist())
+            yield Record(key=f"{split}{i:06d}", image=buf.getvalue(), pos=pos, neg=[])
+
+    classes = [ClassInfo(id=f"c{i}", name=f"class {i}") for i in range(num_classes)]
+    return write_dataset(root, classes, {k: records(k, n) for k, n in sizes.items()}, shard_samples=500)
+
+
+@pytest.mark.integration
+def test_driver_memory_does_not_grow_with_samples(tmp_path, ray_cluster):
+    root = str(tmp_path / "wide")
+    m = _wide_dataset(root, 4000, {"small": 2000, "train": 8000})
+    cfg, model, _ = _models(m.num_classes, 16)
+    ckpt = write_checkpoint(str(tmp_path / "ckpt"), model.state_dict(), cfg.model_dump(mode="json"), m.classes)
+    peak = {}
+    for split in ("small", "train"):
+        out = tmp_path / split / "priors.csv"
+        # A fresh driver process per size (ru_maxrss is a peak), on the fixture's cluster.
+        p = subprocess.run([CSL, "prior", "--checkpoint", ckpt, "--data", root, "--split", split, "--out", str(out),
+                            "--actors", "2", "--no-progress"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "RAY_ADDRESS": ray_cluster})
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"{m.split(split).samples} samples scored of {m.split(split).samples} in the manifest" in p.stdout
+        summary = json.loads(out.with_suffix(".json").read_text())
+        assert summary["weights"] == "model" and summary["samples"] == m.split(split).samples
+        peak[split] = summary["driver_peak_rss_mb"]
+    assert peak["train"] - peak["small"] < 50, f"driver peak RSS grew from {peak['small']} MB to {peak['train']} MB"

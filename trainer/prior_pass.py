@@ -1,0 +1,387 @@
+"""The prior pass: paper 1 eq. 10-11, the mean sigmoid output of an Ignore model over a split.
+
+    P_r(c) = 1/|X| sum_{x in X} sigmoid(f(x; theta_Ignore))_c
+
+Shape. A Ray Dataset of *shard descriptors* (`from_items`, one row per shard: index, URL,
+manifest sample count, one block each) goes through `map_batches(PriorActor, batch_size=1)`
+on a fixed pool of actors (`ActorPoolStrategy(size=N)`). Each actor loads the model once, and
+per shard streams it with the project's reader (`iter_shard`: tarfile, fsspec, retries, never
+unpickles) and decode (`decode_image` at the checkpoint's image size, no flip, ImageNet
+normalisation: exactly the eval path), runs the model in batches under `no_grad`, and returns
+ONE row: float64 per-class sums of sigmoid outputs, the sample count, the corrupt count and the
+per-class positive-annotation count. The driver folds rows into float64 totals as they arrive.
+Memory is O(C x shards in flight) on every process, never O(N x C): at OpenImages scale a
+per-sample matrix would be 9M x 9,600 floats (345 GB); a row here is 9,600 x 16 bytes.
+
+Why not `ray.data.read_webdataset`: it decodes members with its own rules (and may unpickle
+`.pyd`/`.pickle` members), splits files into read tasks whose sample accounting we could not
+check, and decodes differently from training/eval. Why not a `Datasource` subclass: a
+datasource's read tasks run as plain tasks, so the model would be loaded per read task (or the
+decode and the inference would sit in different operators and every decoded image would cross
+the object store: 9M x 3 x 224 x 224 floats). Shard descriptors plus an actor pool keep the
+model resident, the images inside the actor, and make "exactly once" checkable per shard.
+
+Exactly once. Each shard is one item; the driver checks that every shard index comes back once,
+that each shard's count + corrupt equals its manifest count, and that the total equals the
+split's manifest count; otherwise it raises (a Ray Data retry that duplicated a shard, or a
+silently short read, cannot pass unnoticed). Corrupt samples (bad image, bad labels, a tar cut
+short) are skipped as training skips them, counted and reported; the prior is the mean over
+the samples the model actually scored. There is no splitting mode that drops a tail: the
+`batch_size` only groups samples for the model, the last short batch included.
+
+Weights: "auto" uses the EMA weights when the checkpoint has them (what eval uses, and what the
+papers evaluate), else the raw model; priors.json says which.
+
+Outputs (beside `--out`, atomically, local or fsspec URL): `<stem>.csv` (`class_id,name,prior`,
+read back by `read_priors`), `<stem>.json` (estimates, Spearman correlations as in paper 1
+sec. 5.2 / Fig. 7, the top-20), `<stem>.png` (the top-20 as in Fig. 5, with annotation frequency
+and, where known, the truth for the same classes). Two other estimators sit beside the model's
+in priors.json for comparison: annotation frequency (positive annotations / N, counted in this
+pass over the same samples; the naive estimate that annotation bias breaks) and, when the
+checkpoint folder has a `running_prior.csv`, the reference code's running mean over training
+outputs (`priors.RunningPrior`).
+
+Cost: one forward per sample plus one decode; the driver does O(C) work per shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from data_shards.format import ClassInfo, Manifest
+from data_shards.storage import exists, join, read_bytes, read_manifest, write_bytes_atomic
+
+from .priors import read_priors, write_priors
+
+__all__ = ["PriorActor", "PriorReduction", "shard_sums", "estimate_priors", "write_checkpoint", "output_paths"]
+
+TOP_K = 20
+RUNNING_PRIOR_FILE = "running_prior.csv"
+
+
+def shard_sums(model: Any, url: str, samples: int, *, image_size: int, num_classes: int, batch_size: int,
+               device: Any = "cpu") -> dict[str, Any]:
+    """Sums of sigmoid outputs over one shard's samples, streamed in batches (no per-sample kept)."""
+    import torch
+
+    from data_shards.decode import ImageDecodeError, decode_image, to_tensor
+    from data_shards.format import IMAGE_EXTS, LabelError, decode_labels
+    from data_shards.stream import iter_shard
+
+    total = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    pos = np.zeros(num_classes, dtype=np.int64)
+    count = corrupt = 0
+    images: list[np.ndarray] = []
+
+    def flush() -> None:
+        nonlocal count
+        x = to_tensor(np.stack(images)).to(device, non_blocking=True)
+        with torch.no_grad():
+            total.add_(model(x).float().sigmoid().sum(0, dtype=torch.float64))
+        count += len(images)
+        images.clear()
+
+    for _, raw in iter_shard(url, 0, samples):
+        image = next((raw.members[e] for e in IMAGE_EXTS if e in raw.members), None)
+        if raw.error or image is None or "json" not in raw.members:
+            corrupt += 1
+            continue
+        try:
+            p, _, _ = decode_labels(raw.members["json"], num_classes, f"shard {url} sample {raw.key!r}")
+            images.append(decode_image(image, image_size))
+        except (LabelError, ImageDecodeError):
+            corrupt += 1
+            continue
+        pos[p] += 1
+        if len(images) == batch_size:
+            flush()
+    if images:
+        flush()
+    return {"sum": total.cpu().numpy(), "count": count, "corrupt": corrupt, "pos": pos}
+
+
+class PriorActor:
+    """Ray Data callable class: the model is loaded once per actor; one call per shard."""
+
+    def __init__(self, checkpoint: str, weights: str, image_size: int, num_classes: int, batch_size: int,
+                 cpus: float = 1.0, gpus: float = 0.0):
+        import torch
+
+        from .inference import load_checkpoint
+
+        torch.set_num_threads(max(1, int(cpus)))  # a CPU actor gets the cores Ray reserved for it
+        self.device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+        lm = load_checkpoint(checkpoint, weights)  # type: ignore[arg-type]
+        if len(lm.classes) != num_classes:
+            raise ValueError(f"{checkpoint}: {len(lm.classes)} classes, the pass expects {num_classes}")
+        self.model = lm.model.to(self.device).eval()
+        self.image_size, self.num_classes, self.batch_size = image_size, num_classes, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [shard_sums(self.model, str(url), int(n), image_size=self.image_size, num_classes=self.num_classes,
+                           batch_size=self.batch_size, device=self.device)
+                for url, n in zip(batch["url"], batch["samples"])]
+        return {"shard": np.asarray(batch["shard"], dtype=np.int64),
+                "sum": np.stack([r["sum"] for r in rows]),
+                "count": np.asarray([r["count"] for r in rows], dtype=np.int64),
+                "corrupt": np.asarray([r["corrupt"] for r in rows], dtype=np.int64),
+                "pos": np.stack([r["pos"] for r in rows])}
+
+
+class PriorReduction:
+    """The driver's fold of per-shard rows, with the exactly-once checks (float64 throughout)."""
+
+    def __init__(self, shard_samples: list[int], num_classes: int):
+        self.expected = list(shard_samples)
+        self.sum = np.zeros(num_classes, dtype=np.float64)
+        self.pos = np.zeros(num_classes, dtype=np.int64)
+        self.count = self.corrupt = 0
+        self.seen = np.zeros(len(shard_samples), dtype=bool)
+
+    def add(self, shard: int, sums: np.ndarray, count: int, corrupt: int, pos: np.ndarray | None = None) -> None:
+        if not 0 <= shard < len(self.expected):
+            raise RuntimeError(f"prior pass: result for unknown shard {shard}")
+        if self.seen[shard]:
+            raise RuntimeError(f"prior pass: shard {shard} was counted twice")
+        if count + corrupt != self.expected[shard]:
+            raise RuntimeError(f"prior pass: shard {shard} gave {count} + {corrupt} corrupt samples, manifest says {self.expected[shard]}")
+        self.seen[shard] = True
+        self.sum += np.asarray(sums, dtype=np.float64)
+        if pos is not None:
+            self.pos += np.asarray(pos, dtype=np.int64)
+        self.count += int(count)
+        self.corrupt += int(corrupt)
+
+    def finish(self) -> np.ndarray:
+        """The prior (float64 [C]); raises unless every shard was counted exactly once."""
+        missing = np.flatnonzero(~self.seen)
+        if missing.size:
+            raise RuntimeError(f"prior pass: {missing.size} shards never reported (first: {int(missing[0])})")
+        if self.count + self.corrupt != sum(self.expected):
+            raise RuntimeError(f"prior pass: {self.count} + {self.corrupt} corrupt samples, manifest says {sum(self.expected)}")
+        if self.count == 0:
+            raise RuntimeError("prior pass: every sample was corrupt")
+        return self.sum / self.count
+
+
+def output_paths(out: str) -> tuple[str, str, str]:
+    """`priors.csv` -> (`priors.csv`, `priors.json`, `priors.png`)."""
+    stem = out[: -len(".csv")] if out.endswith(".csv") else out
+    return out, stem + ".json", stem + ".png"
+
+
+def write_checkpoint(folder: str, state_dict: dict[str, Any], config: dict[str, Any], classes: list[ClassInfo],
+                     *, ema_state_dict: dict[str, Any] | None = None, step: int = 0) -> str:
+    """A checkpoint folder from weights alone, in the layout `loop.py` writes (csl_state.json,
+    model.safetensors, ema.safetensors): for an Ignore model trained elsewhere, tests and benches."""
+    from safetensors.torch import save
+
+    from .config import Config
+
+    cfg = Config.model_validate(config)
+    state = {"step": step, "stream": {}, "world_size": 1, "classes": [c.model_dump() for c in classes],
+             "config": cfg.model_dump(mode="json")}
+    tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous() for k, v in state_dict.items()}
+    write_bytes_atomic(join(folder, "model.safetensors"), save(tensors))
+    if ema_state_dict is not None:
+        ema = {k: v.detach().contiguous() for k, v in ema_state_dict.items()}
+        write_bytes_atomic(join(folder, "ema.safetensors"), save(ema))
+    write_bytes_atomic(join(folder, "csl_state.json"), json.dumps(state).encode())
+    return folder
+
+
+def _checkpoint_meta(checkpoint: str, weights: str) -> tuple[str, dict[str, Any], list[ClassInfo], str]:
+    """(resolved checkpoint, config dict, classes, weights actually used), without loading weights."""
+    from .config import Config
+    from .launch import resolve_checkpoint
+
+    if weights not in ("auto", "ema", "model"):
+        raise ValueError(f"weights {weights!r}: use auto, ema or model")
+    ckpt = resolve_checkpoint(checkpoint)
+    state = json.loads(read_bytes(join(ckpt, "csl_state.json")))
+    cfg = Config.model_validate(state["config"])
+    classes = [ClassInfo.model_validate(c) for c in state["classes"]]
+    has_ema = exists(join(ckpt, "ema.safetensors"))
+    if weights == "auto":
+        weights = "ema" if has_ema else "model"
+    if weights == "ema" and not has_ema:
+        raise FileNotFoundError(f"{ckpt}: no EMA weights (the run had train.ema_decay=0); use --weights model")
+    return ckpt, cfg.model_dump(mode="json"), classes, weights
+
+
+def _start_ray() -> bool:
+    """launch._ensure_ray's rule (RAY_ADDRESS, else a local cluster); True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _default_actors(cpus: float, gpus: float) -> int:
+    import ray
+
+    res = ray.cluster_resources()
+    n = res.get("GPU", 0) / gpus if gpus > 0 else res.get("CPU", 1) / cpus
+    return max(1, int(n))
+
+
+def _spearman_or_none(a: np.ndarray, b: np.ndarray) -> float | None:
+    from .metrics import spearman
+
+    r = spearman(a, b)
+    return None if np.isnan(r) else round(r, 6)
+
+
+def _estimator(values: np.ndarray, counts: np.ndarray, truth: np.ndarray | None, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {**extra, "spearman_vs_counts": _spearman_or_none(values, counts)}
+    if truth is not None:
+        out["spearman_vs_truth"] = _spearman_or_none(values, truth)
+    return out
+
+
+def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train", weights: str = "auto",
+                   actors: int | None = None, batch_size: int = 64, cpus_per_actor: float = 1.0,
+                   gpus_per_actor: float = 0.0, progress: bool = True) -> dict[str, Any]:
+    """Estimate the label prior of `data`/`split` with a checkpoint's model; write the outputs.
+
+    Returns the summary written to priors.json plus `manifest_samples`, `corrupt`, `actors`,
+    `driver_peak_rss_mb` and the output paths.
+    """
+    if batch_size < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0 or (actors is not None and actors < 1):
+        raise ValueError(f"need batch_size >= 1, cpus_per_actor > 0, gpus_per_actor >= 0, actors >= 1; got "
+                         f"{batch_size}, {cpus_per_actor}, {gpus_per_actor}, {actors}")
+    t0 = time.perf_counter()
+    ckpt, cfg, classes, weights = _checkpoint_meta(checkpoint, weights)
+    manifest = read_manifest(data)
+    info = manifest.split(split)
+    if [c.id for c in manifest.classes] != [c.id for c in classes]:
+        raise ValueError(f"{data}: class list differs from the checkpoint's ({manifest.num_classes} vs {len(classes)} classes)")
+    shards = [s for s in info.shards]
+    if sum(s.samples for s in shards) != info.samples:
+        raise ValueError(f"{data}: split {split!r} says {info.samples} samples, its shards add up to {sum(s.samples for s in shards)}")
+    if info.samples == 0:
+        raise ValueError(f"{data}: split {split!r} has no samples")
+    csv_path, json_path, png_path = output_paths(out)
+
+    import ray
+
+    started = _start_ray()
+    try:
+        n_actors = min(actors or _default_actors(cpus_per_actor, gpus_per_actor), len(shards))
+        red = _run(ray, data, shards, ckpt, weights, cfg, manifest.num_classes, n_actors, batch_size,
+                   cpus_per_actor, gpus_per_actor, progress)
+    finally:
+        if started:
+            ray.shutdown()
+    prior = red.finish()
+    seconds = time.perf_counter() - t0
+
+    write_priors(csv_path, manifest, prior)
+    summary = _summary(manifest, split, prior, red, ckpt, weights, seconds)
+    summary["actors"] = n_actors
+    summary["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    write_bytes_atomic(json_path, json.dumps(summary, indent=1).encode())
+    write_bytes_atomic(png_path, _plot(manifest, split, prior, red, ckpt))
+    return {**summary, "manifest_samples": info.samples, "corrupt": red.corrupt,
+            "outputs": {"csv": csv_path, "json": json_path, "png": png_path}}
+
+
+def _run(ray: Any, data: str, shards: list, ckpt: str, weights: str, cfg: dict[str, Any], num_classes: int,
+         n_actors: int, batch_size: int, cpus: float, gpus: float, progress: bool) -> PriorReduction:
+    from tqdm import tqdm
+
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False  # ours counts samples
+    try:
+        items = [{"shard": i, "url": join(data, s.path), "samples": s.samples} for i, s in enumerate(shards)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(
+            PriorActor, batch_size=1, batch_format="numpy",
+            fn_constructor_kwargs={"checkpoint": ckpt, "weights": weights, "image_size": cfg["data"]["image_size"],
+                                   "num_classes": num_classes, "batch_size": batch_size, "cpus": cpus, "gpus": gpus},
+            compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
+        )
+        red = PriorReduction([s.samples for s in shards], num_classes)
+        bar = tqdm(total=sum(s.samples for s in shards), unit="img", desc=f"prior pass ({n_actors} actors)",
+                   disable=not progress, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+        with bar:
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for i in range(len(b["shard"])):
+                    red.add(int(b["shard"][i]), b["sum"][i], int(b["count"][i]), int(b["corrupt"][i]), b["pos"][i])
+                    bar.update(int(b["count"][i]) + int(b["corrupt"][i]))
+                    if b["corrupt"][i]:
+                        bar.set_postfix(corrupt=red.corrupt)
+        return red
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
+
+
+def _running_prior(ckpt: str, manifest: Manifest) -> np.ndarray | None:
+    path = join(ckpt, RUNNING_PRIOR_FILE)
+    return read_priors(path, manifest).astype(np.float64) if exists(path) else None
+
+
+def _summary(manifest: Manifest, split: str, prior: np.ndarray, red: PriorReduction, ckpt: str, weights: str,
+             seconds: float) -> dict[str, Any]:
+    n = red.count
+    counts = red.pos.astype(np.float64)
+    truth = np.asarray(manifest.truth[split].freq, dtype=np.float64) if split in manifest.truth else None
+    estimators = {
+        "ignore_model": _estimator(prior, counts, truth, weights=weights),
+        "annotation_frequency": _estimator(counts / n, counts, truth, source="positive annotations / N, counted in this pass"),
+    }
+    running = _running_prior(ckpt, manifest)
+    if running is not None:
+        estimators["running_mean"] = _estimator(running, counts, truth, source=join(ckpt, RUNNING_PRIOR_FILE))
+    top = np.argsort(-prior, kind="stable")[:TOP_K]
+    out: dict[str, Any] = {
+        "samples": n, "classes": manifest.num_classes, "split": split, "checkpoint": ckpt, "weights": weights,
+        "estimators": estimators, "spearman_vs_counts": estimators["ignore_model"]["spearman_vs_counts"],
+    }
+    if truth is not None:
+        out["spearman_vs_truth"] = estimators["ignore_model"]["spearman_vs_truth"]
+        out["spearman_counts_vs_truth"] = _spearman_or_none(counts, truth)
+    out["top"] = [{"class_id": manifest.classes[i].id, "name": manifest.classes[i].name, "prior": round(float(prior[i]), 6),
+                   "annotation_frequency": round(float(counts[i] / n), 6)} for i in top.tolist()]
+    out["seconds"] = round(seconds, 2)
+    return out
+
+
+def _plot(manifest: Manifest, split: str, prior: np.ndarray, red: PriorReduction, ckpt: str) -> bytes:
+    """Paper 1 Fig. 5: the top-20 classes by estimated prior; beside it, annotation frequency
+    (and the truth, where known) for the same classes, which is where annotation bias shows."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend (Agg renders the PNG)
+
+    top = np.argsort(-prior, kind="stable")[:TOP_K][::-1]
+    names = [manifest.classes[i].name for i in top]
+    fig = Figure(figsize=(11, 0.32 * len(top) + 1.6), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, sharey=True)
+    y = np.arange(len(top))
+    ax1.barh(y, prior[top], color="#3b6fb6")
+    ax1.set_yticks(y, names)
+    ax1.set_xlabel("estimated prior (Ignore model, mean sigmoid)")
+    freq = red.pos[top] / red.count
+    ax2.barh(y - 0.2, freq, height=0.4, color="#c0504d", label="annotation frequency")
+    if split in manifest.truth:
+        ax2.barh(y + 0.2, np.asarray(manifest.truth[split].freq)[top], height=0.4, color="#9bbb59", label="true frequency")
+    ax2.set_xlabel("frequency")
+    ax2.legend(loc="lower right", fontsize=8)
+    name = ckpt.rstrip("/").rsplit("/", 2)
+    fig.suptitle(f"Top {len(top)} classes by estimated prior: {'/'.join(name[-2:])}, N={red.count} [{split}]", fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
