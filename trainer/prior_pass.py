@@ -126,6 +126,7 @@ class PriorActor:
         self.image_size, self.num_classes, self.batch_size = image_size, num_classes, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.time()
         rows = [shard_sums(self.model, str(url), int(n), image_size=self.image_size, num_classes=self.num_classes,
                            batch_size=self.batch_size, device=self.device)
                 for url, n in zip(batch["url"], batch["samples"])]
@@ -133,7 +134,8 @@ class PriorActor:
                 "sum": np.stack([r["sum"] for r in rows]),
                 "count": np.asarray([r["count"] for r in rows], dtype=np.int64),
                 "corrupt": np.asarray([r["corrupt"] for r in rows], dtype=np.int64),
-                "pos": np.stack([r["pos"] for r in rows])}
+                "pos": np.stack([r["pos"] for r in rows]),
+                "t0": np.full(len(rows), t0), "t1": np.full(len(rows), time.time())}
 
 
 class PriorReduction:
@@ -145,6 +147,10 @@ class PriorReduction:
         self.pos = np.zeros(num_classes, dtype=np.int64)
         self.count = self.corrupt = 0
         self.seen = np.zeros(len(shard_samples), dtype=bool)
+        # timing for the summary: actor start-up is the wait before the first shard starts
+        self.first_result_s: float | None = None
+        self.stream_s = 0.0
+        self.busy = (float("inf"), float("-inf"))  # first shard started .. last shard ended (wall clock)
 
     def add(self, shard: int, sums: np.ndarray, count: int, corrupt: int, pos: np.ndarray | None = None) -> None:
         if not 0 <= shard < len(self.expected):
@@ -318,13 +324,18 @@ def _run(ray: Any, data: str, shards: list, ckpt: str, weights: str, cfg: dict[s
         red = PriorReduction([s.samples for s in shards], num_classes)
         bar = tqdm(total=sum(s.samples for s in shards), unit="img", desc=f"prior pass ({n_actors} actors)",
                    disable=not progress, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+        t0 = time.perf_counter()
         with bar:
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if red.first_result_s is None:
+                    red.first_result_s = time.perf_counter() - t0
+                red.busy = (min(red.busy[0], float(b["t0"].min())), max(red.busy[1], float(b["t1"].max())))
                 for i in range(len(b["shard"])):
                     red.add(int(b["shard"][i]), b["sum"][i], int(b["count"][i]), int(b["corrupt"][i]), b["pos"][i])
                     bar.update(int(b["count"][i]) + int(b["corrupt"][i]))
                     if b["corrupt"][i]:
                         bar.set_postfix(corrupt=red.corrupt)
+        red.stream_s = time.perf_counter() - t0
         return red
     finally:
         ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
@@ -358,6 +369,9 @@ def _summary(manifest: Manifest, split: str, prior: np.ndarray, red: PriorReduct
     out["top"] = [{"class_id": manifest.classes[i].id, "name": manifest.classes[i].name, "prior": round(float(prior[i]), 6),
                    "annotation_frequency": round(float(counts[i] / n), 6)} for i in top.tolist()]
     out["seconds"] = round(seconds, 2)
+    busy = red.busy[1] - red.busy[0]
+    out["timing"] = {"first_result_s": round(red.first_result_s or 0.0, 2), "stream_s": round(red.stream_s, 2),
+                     "scoring_s": round(busy, 2), "scoring_images_per_s": round((n + red.corrupt) / busy, 1) if busy > 0 else None}
     return out
 
 
