@@ -8,9 +8,10 @@ repeated to `--samples` samples (`img000000`, ...), each with OpenImages-density
 Every contender produces what training consumes: float32 [32, 3, 224, 224] normalised
 batches, randomly flipped, with their labels.
 
-* ``ceiling``: `decode_image(bytes, 224)` + flip + `to_tensor` collate over the bytes already
-  in memory, the exact functions the stream calls, with no I/O, no labels and no hand-off of
-  the batch to another process. It is what this CPU can do, so it is measured with the same
+* ``ceiling``: `decode_image(bytes, 224, flip=...)`, a uint8 `np.stack` collate and
+  `normalize` over the bytes already in memory, the exact functions and output format of the
+  stream (whose workers decode, flip and collate uint8, and whose main process normalises),
+  with no I/O, no labels and no hand-off of the batch to another process. It is what this CPU can do, so it is measured with the same
   number of processes as the stream it is compared with: 1 process against
   `num_workers=0`, and N forked processes (each decoding a contiguous share, fork so the
   bytes are inherited, not pickled) against `num_workers=N`. The comparison is at equal
@@ -24,8 +25,12 @@ batches, randomly flipped, with their labels.
   pos, 0 neg, -1 un-annotated), batched by `DataLoader(batch_size=32, num_workers=N)`. From S3
   each image is one GET (`s3fs.cat_file`): the one-object-per-image pattern.
 
-Timing: wall time of one epoch, worker start-up included (the stream forks fresh workers every
-epoch; the ceiling forks its processes inside the timed region too). Building a stream or a
+Timing: wall time of one epoch, worker start-up included where there is one. Each contender is
+built once and iterated once per round, as a training run iterates it once per epoch: the
+stream's DataLoader workers are persistent (its default), so it forks them and makes their S3
+clients in round 1 only; the reference's DataLoader forks new workers every epoch, as the
+reference code's does; the ceiling forks its processes inside the timed region every round
+(a fork of this process, nothing to import or connect). Building a stream or a
 Dataset (manifest / CSV read) is outside it. Contenders alternate inside each round, the
 starting contender rotating between rounds, and medians are reported, so a noisy neighbour on
 this shared 2-core machine slows all of them alike.
@@ -69,7 +74,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from data_shards.decode import IMAGENET_MEAN, IMAGENET_STD, decode_image, to_tensor  # noqa: E402
+from data_shards.decode import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize  # noqa: E402
 from data_shards.format import ClassInfo, Record  # noqa: E402
 from data_shards.storage import get_fs  # noqa: E402
 from data_shards.stream import ShardStream  # noqa: E402
@@ -183,7 +188,8 @@ def start_s3() -> tuple[subprocess.Popen, str]:
 def _ceiling_share(photos: list[bytes], flips: np.ndarray, lo: int, hi: int, batch: int) -> None:
     for s in range(lo, hi, batch):
         e = min(hi, s + batch)
-        to_tensor(np.stack([decode_image(photos[i % len(photos)], SIZE) for i in range(s, e)]), flips[s:e])
+        normalize(torch.from_numpy(np.stack([decode_image(photos[i % len(photos)], SIZE, flip=bool(flips[i]))
+                                             for i in range(s, e)])))
 
 
 def run_ceiling(photos: list[bytes], n: int, procs: int, batch: int) -> tuple[int, float]:

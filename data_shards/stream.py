@@ -285,7 +285,13 @@ class _ShardDataset(IterableDataset):
         c = self.cfg
         images, pos, neg, keys, shards, idxs = [], [], [], [], [], []
         corrupt = 0
-        for shard, idx, raw in items:
+        # Flips are keyed by (shard, index), so they can be drawn before knowing which decode.
+        if c.train_transform:
+            flips = flip_mask(c.seed, epoch, np.asarray([s for s, _, _ in items], dtype=np.int64),
+                              np.asarray([i for _, i, _ in items], dtype=np.int64)).tolist()
+        else:
+            flips = [False] * len(items)
+        for (shard, idx, raw), flip in zip(items, flips):
             where = f"shard {c.urls[shard]} sample {raw.key!r}" if raw.key else f"shard {c.urls[shard]} sample #{idx}"
             try:
                 if raw.error:
@@ -295,7 +301,7 @@ class _ShardDataset(IterableDataset):
                     raise CorruptSampleError(f"{where}: needs an image member and a .json member")
                 p, n, _ = decode_labels(raw.members["json"], c.num_classes, where)
                 try:
-                    img = decode_image(image, c.image_size)
+                    img = decode_image(image, c.image_size, flip=flip)
                 except ImageDecodeError as e:
                     raise CorruptSampleError(f"{where}: {e}") from None
             except (CorruptSampleError, LabelError) as e:
@@ -317,14 +323,10 @@ class _ShardDataset(IterableDataset):
                 f"rank {c.rank} batch {batch_id}: all {len(items)} samples are corrupt (shards: {', '.join(names)})"
             )
         shard_t, idx_t = np.asarray(shards, dtype=np.int64), np.asarray(idxs, dtype=np.int64)
-        flip = flip_mask(c.seed, epoch, shard_t, idx_t) if c.train_transform else np.zeros(len(keys), dtype=bool)
-        # uint8 channels-last, flipped while collating; the consumer normalises (4x fewer bytes
-        # to hand to the main process than float32, see decode.py).
-        batch = np.empty((len(images), c.image_size, c.image_size, 3), dtype=np.uint8)
-        for j, (img, f) in enumerate(zip(images, flip.tolist())):
-            batch[j] = img[:, ::-1] if f else img
         return {
-            "image": torch.from_numpy(batch),
+            # uint8 channels-last; the consumer normalises (a quarter of the bytes to hand to
+            # the main process that float32 would be, see the module docstring).
+            "image": torch.from_numpy(np.stack(images)),
             "target": torch.from_numpy(targets_from_sparse(pos, neg, c.num_classes)),
             "key": keys,
             "shard": torch.from_numpy(shard_t),
