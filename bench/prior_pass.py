@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"peak driver RSS (fresh `csl prior`, 2 actors): {sizes['val']} images {peak['val']:.0f} MB, "
           f"{sizes['train']} images {peak['train']:.0f} MB (growth {peak['train'] - peak['val']:+.0f} MB)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
