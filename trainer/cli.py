@@ -126,6 +126,36 @@ def prior(checkpoint, data, split, out, weights, actors, batch_size, cpus_per_ac
     click.echo(f"wrote {res['outputs']['csv']}, {res['outputs']['json']}, {res['outputs']['png']}")
 
 
+@app.command("pipeline")
+@click.option("--config", "config", default="synthetic-cpu", show_default=True, help="a preset name or a YAML file")
+@click.option("--prior-actors", type=click.IntRange(min=1), default=None, help="actors for the prior pass (default: one per CPU)")
+@_overrides
+def pipeline(config: str, prior_actors, overrides: tuple[str, ...]) -> None:
+    """The method end to end: Ignore model, prior pass, Selective model. Re-run to resume."""
+    from .config import load_config
+    from .pipeline import run_pipeline
+
+    summary = run_pipeline(load_config(config, list(overrides)), prior_actors=prior_actors)
+    click.echo(json.dumps(summary))
+
+
+@app.command("demo")
+@click.option("--out", default="demo_out", show_default=True, help="folder for data, runs, results.json, report.md, figures")
+@click.option("--train", default=4000, show_default=True, type=click.IntRange(min=64))
+@click.option("--val", default=1000, show_default=True, type=click.IntRange(min=16))
+@click.option("--image-size", default=64, show_default=True, type=click.IntRange(min=16))
+@click.option("--epochs", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@_overrides
+def demo(out, train, val, image_size, epochs, seed, overrides) -> None:
+    """Synthetic data, prior pass, and Ignore / Negative / Selective models, on this machine."""
+    from .demo import run_demo
+
+    res = run_demo(out, train=train, val=val, image_size=image_size, epochs=epochs, seed=seed, overrides=list(overrides))
+    click.echo(json.dumps(res, indent=1))
+    click.echo(f"report: {os.path.join(os.path.abspath(out), 'report.md')}")
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split())

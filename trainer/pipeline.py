@@ -1,0 +1,93 @@
+"""The method end to end, as one resumable command: Ignore model -> priors -> Selective model.
+
+Paper 1, sec. 4.2: a temporary model trained in Ignore mode (un-annotated labels add no loss)
+sees no bias from the missing annotations, so its average prediction per class estimates the
+class's true frequency better than annotation counts do; the target model is then trained
+with the Selective loss, which needs exactly that prior (Omega_P, eq. 7).
+
+One run folder, `{run.storage}/{run.name}`, holds the three stages:
+
+    stage1-ignore/      a full training run (Ray Train checkpoints, metrics, eval.json)
+    stage2-prior/       priors.csv, priors.json, priors.png
+    stage3-selective/   a full training run with prior.path pointing at stage 2
+    pipeline.json       each stage's final evaluation and the prior's quality figures
+
+Each stage is skipped when its final artefact exists (a training run's eval.json is written
+after its last checkpoint; priors.csv is written atomically), and a stage that was cut short
+resumes from its latest complete checkpoint, so running the same command again after any
+failure does only the missing work.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from data_shards.storage import exists, join, read_bytes, write_bytes_atomic
+
+from .config import Config
+from .launch import launch, resolve_checkpoint, run_dir_of
+
+__all__ = ["stage_config", "training_done", "run_pipeline"]
+
+STAGE1, STAGE2, STAGE3 = "stage1-ignore", "stage2-prior", "stage3-selective"
+
+
+def stage_config(cfg: Config, storage: str, name: str, **loss_and_prior: Any) -> Config:
+    """`cfg` re-rooted at `storage/name`, with `loss_name` / `prior_path` replaced if given."""
+    out = cfg.model_copy(deep=True)
+    out.run.storage, out.run.name = storage, name
+    if "loss_name" in loss_and_prior:
+        out.loss.name = loss_and_prior["loss_name"]
+    if "prior_path" in loss_and_prior:
+        out.prior.path = loss_and_prior["prior_path"]
+    return out
+
+
+def training_done(cfg: Config) -> dict[str, Any] | None:
+    """The final eval of a finished training run, or None if it has not finished."""
+    path = join(run_dir_of(cfg), "eval.json")
+    return json.loads(read_bytes(path)) if exists(path) else None
+
+
+def _train_stage(cfg: Config, label: str) -> dict[str, Any]:
+    done = training_done(cfg)
+    if done is not None:
+        print(f"[pipeline] {label}: already finished (step {done.get('step')}), skipping", flush=True)
+        return done
+    print(f"[pipeline] {label}: training {cfg.run.name!r} with loss {cfg.loss.name!r}", flush=True)
+    launch(cfg)
+    result = training_done(cfg)
+    if result is None:
+        raise RuntimeError(f"{label}: training ended without eval.json in {run_dir_of(cfg)}")
+    return result
+
+
+def run_pipeline(cfg: Config, *, prior_actors: int | None = None, final_loss: str | None = None) -> dict[str, Any]:
+    """Run (or finish) the three stages; returns a summary with each stage's results."""
+    from .prior_pass import estimate_priors
+
+    t0 = time.time()
+    root = run_dir_of(cfg)
+    final_loss = final_loss or (cfg.loss.name if cfg.loss.name not in ("ignore",) else "csl")
+    ignore_cfg = stage_config(cfg, root, STAGE1, loss_name="ignore", prior_path=None)
+    ignore_eval = _train_stage(ignore_cfg, "stage 1/3")
+
+    priors_csv = join(root, STAGE2, "priors.csv")
+    if exists(priors_csv) and exists(join(root, STAGE2, "priors.json")):
+        print(f"[pipeline] stage 2/3: priors exist ({priors_csv}), skipping", flush=True)
+        prior_info = json.loads(read_bytes(join(root, STAGE2, "priors.json")))
+    else:
+        print("[pipeline] stage 2/3: prior pass with the Ignore model", flush=True)
+        ckpt = resolve_checkpoint(run_dir_of(ignore_cfg))
+        prior_info = estimate_priors(ckpt, cfg.data.root, split=cfg.data.train_split, out=priors_csv, actors=prior_actors)
+
+    final_cfg = stage_config(cfg, root, STAGE3, loss_name=final_loss, prior_path=priors_csv)
+    final_eval = _train_stage(final_cfg, "stage 3/3")
+    summary = {"run_dir": root, "ignore": ignore_eval, "prior": {k: v for k, v in prior_info.items() if k != "top"},
+               "final_loss": final_loss, "final": final_eval, "seconds": round(time.time() - t0, 1)}
+    write_bytes_atomic(join(root, "pipeline.json"), json.dumps(summary, indent=1).encode())
+    print(f"[pipeline] done in {summary['seconds']}s: Ignore mAP(C) {ignore_eval.get('map_c', float('nan')):.2f}, "
+          f"{final_loss} mAP(C) {final_eval.get('map_c', float('nan')):.2f}", flush=True)
+    return summary
