@@ -25,6 +25,7 @@ from typing import Any
 from data_shards.storage import get_fs, is_remote, join, read_manifest
 
 from .config import Config
+from .loop import MODEL_FILE, STATE_FILE
 
 __all__ = ["run_dir_of", "latest_checkpoint", "launch", "resolve_checkpoint", "check_inputs", "check_resumable"]
 
@@ -55,11 +56,11 @@ def resolve_checkpoint(path: str) -> str:
     fs, p = get_fs(path)
     if not fs.exists(p):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if fs.exists(join(p, "csl_state.json")):
+    if fs.exists(join(p, STATE_FILE)):
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint folder (no csl_state.json) nor a run folder with a complete checkpoint")
+        raise FileNotFoundError(f"{path}: neither a checkpoint folder (no {STATE_FILE}) nor a run folder with a complete checkpoint")
     return latest
 
 
@@ -117,7 +118,7 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
     loading them into another world size would silently mix state. The consolidated weights
     in the checkpoint are the way to continue with another size, as a new run.
     """
-    fs, path = get_fs(join(checkpoint, "csl_state.json"))
+    fs, path = get_fs(join(checkpoint, STATE_FILE))
     with fs.open(path, "rb") as f:
         state = json.load(f)
     changed = _trajectory_changes(Config.model_validate(state["config"]), cfg)
@@ -125,13 +126,13 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
         raise ValueError(
             f"run {cfg.run.name!r}: resuming with changed settings ({'; '.join(changed)}); the checkpoint's LR "
             f"schedule, optimizer state and data order were built for the old ones. Resume with the same settings, or "
-            f"start a new run.name with model.pretrained={join(checkpoint, 'model.safetensors')}"
+            f"start a new run.name with model.pretrained={join(checkpoint, MODEL_FILE)}"
         )
     if state["world_size"] != cfg.cluster.workers:
         raise ValueError(
             f"run {cfg.run.name!r}: checkpoint {checkpoint} was written by {state['world_size']} workers, this run has "
             f"cluster.workers={cfg.cluster.workers}; resume with cluster.workers={state['world_size']}, or start a new "
-            f"run.name with model.pretrained={join(checkpoint, 'model.safetensors')} (weights only, fresh optimizer)"
+            f"run.name with model.pretrained={join(checkpoint, MODEL_FILE)} (weights only, fresh optimizer)"
         )
 
 

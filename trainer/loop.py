@@ -36,12 +36,14 @@ import torch
 from data_shards.storage import get_fs, is_remote, join, read_manifest, write_bytes_atomic
 
 from .config import Config
+from .priors import RunningPrior, write_priors
 
 __all__ = ["Hooks", "run_training", "train_loop_per_worker", "evaluate"]
 
 STATE_FILE = "csl_state.json"
 EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.safetensors"
+RUNNING_PRIOR_FILE = "running_prior.csv"
 DS_TAG = "ds"
 
 
@@ -214,6 +216,9 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
     device, dtype = engine.device, engine.input_dtype
     loss_fn = build_loss(cfg.loss.name, prior=_load_prior(cfg, manifest), **cfg.loss.params()).to(device)
     needs_pseudo = cfg.loss.name == "pseudo"
+    # The public reference code's prior estimator (a mean of the training outputs), kept for
+    # comparison with the prior pass; per-rank sums, reduced only when a checkpoint is written.
+    running = RunningPrior(num_classes, device=device)
 
     step = 0
     with hooks.restore_dir() as ckpt:
@@ -223,6 +228,9 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                 state = json.load(f)
             step = state["step"]
             stream.load_state_dict(state["stream"])
+            if rank == 0 and state.get("running_prior"):  # the global sums; other ranks add theirs
+                rp = state["running_prior"]
+                running.load_state_dict({"acc": torch.tensor(rp["acc"]), "count": rp["count"], "weight": 0.0, "decay": None})
             if os.path.exists(os.path.join(ckpt, EMA_FILE)):
                 engine.load_ema(os.path.join(ckpt, EMA_FILE))
             if rank == 0:
@@ -239,11 +247,17 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
             # fp32 master weights gathered from the ZeRO partitions (collective): eval, predict
             # and export then read one safetensors file and never need DeepSpeed.
             full = engine.consolidated_state_dict()
+            total = RunningPrior(num_classes, device=device)
+            total.load_state_dict(running.state_dict())
+            total.all_reduce()  # collective
             if rank == 0:
                 from safetensors.torch import save_file
 
                 save_file(full, os.path.join(local, MODEL_FILE))
+                if total.count:
+                    write_priors(os.path.join(local, RUNNING_PRIOR_FILE), manifest, total.value().cpu().numpy())
                 state = {"step": step, "stream": stream.state_dict(), "world_size": world_size,
+                         "running_prior": {"acc": total.acc.tolist(), "count": total.count},
                          "classes": [c.model_dump() for c in manifest.classes], "config": cfg.model_dump(mode="json")}
                 write_bytes_atomic(os.path.join(local, STATE_FILE), json.dumps(state).encode())
                 engine.save_ema(os.path.join(local, EMA_FILE))
@@ -273,6 +287,7 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                 extra["pseudo"] = engine.ema_predict(x)
             logits = engine.forward(x)
             loss = loss_fn(logits.float(), target, **extra)
+            running.update(logits.detach().float().sigmoid())
             engine.backward(loss)
             engine.step()
             micro += 1

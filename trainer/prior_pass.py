@@ -59,12 +59,12 @@ import numpy as np
 from data_shards.format import ClassInfo, Manifest
 from data_shards.storage import exists, join, read_bytes, read_manifest, write_bytes_atomic
 
+from .loop import EMA_FILE, MODEL_FILE, RUNNING_PRIOR_FILE, STATE_FILE
 from .priors import read_priors, write_priors
 
 __all__ = ["PriorActor", "PriorReduction", "shard_sums", "estimate_priors", "write_checkpoint", "output_paths"]
 
 TOP_K = 20
-RUNNING_PRIOR_FILE = "running_prior.csv"
 
 
 def shard_sums(model: Any, url: str, samples: int, *, image_size: int, num_classes: int, batch_size: int,
@@ -196,11 +196,11 @@ def write_checkpoint(folder: str, state_dict: dict[str, Any], config: dict[str, 
     state = {"step": step, "stream": {}, "world_size": 1, "classes": [c.model_dump() for c in classes],
              "config": cfg.model_dump(mode="json")}
     tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous() for k, v in state_dict.items()}
-    write_bytes_atomic(join(folder, "model.safetensors"), save(tensors))
+    write_bytes_atomic(join(folder, MODEL_FILE), save(tensors))
     if ema_state_dict is not None:
         ema = {k: v.detach().contiguous() for k, v in ema_state_dict.items()}
-        write_bytes_atomic(join(folder, "ema.safetensors"), save(ema))
-    write_bytes_atomic(join(folder, "csl_state.json"), json.dumps(state).encode())
+        write_bytes_atomic(join(folder, EMA_FILE), save(ema))
+    write_bytes_atomic(join(folder, STATE_FILE), json.dumps(state).encode())
     return folder
 
 
@@ -212,10 +212,10 @@ def _checkpoint_meta(checkpoint: str, weights: str) -> tuple[str, dict[str, Any]
     if weights not in ("auto", "ema", "model"):
         raise ValueError(f"weights {weights!r}: use auto, ema or model")
     ckpt = resolve_checkpoint(checkpoint)
-    state = json.loads(read_bytes(join(ckpt, "csl_state.json")))
+    state = json.loads(read_bytes(join(ckpt, STATE_FILE)))
     cfg = Config.model_validate(state["config"])
     classes = [ClassInfo.model_validate(c) for c in state["classes"]]
-    has_ema = exists(join(ckpt, "ema.safetensors"))
+    has_ema = exists(join(ckpt, EMA_FILE))
     if weights == "auto":
         weights = "ema" if has_ema else "model"
     if weights == "ema" and not has_ema:
