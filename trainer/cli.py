@@ -156,6 +156,40 @@ def demo(out, train, val, image_size, epochs, seed, overrides) -> None:
     click.echo(f"report: {os.path.join(os.path.abspath(out), 'report.md')}")
 
 
+def _csv(kind: type = str):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            items = [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values, got {value!r}") from None
+        if not items:
+            raise click.BadParameter(f"empty list {value!r}")
+        return items
+    return parse
+
+
+@app.command("experiment")
+@click.option("--out", default="experiment_out", show_default=True, help="folder for data, runs, priors, experiment.json/.md")
+@click.option("--schemes", default=None, callback=_csv(), help="comma-separated [default: openimages,fpc:<train/20>,rpa:0.5]; bare 'fpc' means fpc:<train/20>")
+@click.option("--losses", default="ignore,negative,pasl,csl-L,csl-P,csl-LP,pseudo", show_default=True, callback=_csv())
+@click.option("--seeds", default="0,1,2", show_default=True, callback=_csv(int))
+@click.option("--train", default=2000, show_default=True, type=click.IntRange(min=64))
+@click.option("--val", default=500, show_default=True, type=click.IntRange(min=16))
+@click.option("--image-size", default=32, show_default=True, type=click.IntRange(min=16))
+@click.option("--epochs", default=4, show_default=True, type=click.IntRange(min=1))
+@_overrides
+def experiment(out, schemes, losses, seeds, train, val, image_size, epochs, overrides) -> None:
+    """Grid on synthetic data: annotation schemes x losses x seeds, mean ± std of mAP. Re-run to resume."""
+    from .experiment import run_experiment
+
+    res = run_experiment(out, schemes=schemes, losses=losses, seeds=seeds, train=train, val=val,
+                         image_size=image_size, epochs=epochs, overrides=list(overrides))
+    click.echo(f"{res['finished']} of {res['planned']} runs finished")
+    click.echo(f"table: {os.path.join(os.path.abspath(out), 'experiment.md')}")
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split())
