@@ -26,6 +26,13 @@ are reported, so a noisy neighbour on this shared 2-core machine hits all of the
 Ray starts its workers at niceness 15 (raylet's `worker_niceness`), so the plain loop runs at
 niceness 15 too: against a neighbour at niceness 0 both then get the same share.
 
+Samples per CPU-second, for reading: under a heavy neighbour the wall-clock rates say as much
+about the neighbour as about us, so each window's samples are also divided by the CPU time
+the contender was actually granted: `process_time()` for the plain loop, and for csl the
+CPU time of every process in its session (both workers, driver, GCS, raylet, controller and
+Ray's other actors), read from /proc as each `step N/T` line arrives. It leaves out time spent
+waiting for a core or in a collective for a descheduled peer; the bar stays on wall time.
+
 Per core. The csl run uses 2 workers x 1 torch thread on the machine's 2 cores (Ray sets
 OMP_NUM_THREADS to the worker's CPU count, 1; measured: one busy compute thread per worker),
 so its per-core rate is its global rate / 2. The plain loop with 1 thread uses 1 core. The bar
@@ -49,6 +56,10 @@ command line is identical to the original's (a different `train.max_steps` would
 OneCycle length the optimizer state was saved with). Each copy is relaunched with the same
 command and stopped (its process group killed) once `step N+1/T` arrives. Bar: the two
 latencies within 20% of each other (max/min <= 1.2): resume cost does not grow with progress.
+Also printed: the part after Ray Train reports the worker group started (checkpoint download,
+DeepSpeed initialisation and load, stream repositioning, first step), the only part that
+could depend on the checkpoint; the part before it is Python and Ray start-up, which on a
+loaded machine swings by tens of seconds from run to run.
 
 Caveats: a noisy, shared 2-core machine (the load average is printed); Ray and DeepSpeed
 start-up are excluded from the steady state by construction and reported only as latency;
@@ -94,25 +105,51 @@ def _csl_args(data: str, storage: str, name: str, steps: int, log_every: int, ev
             f"run.storage={storage}", f"run.name={name}"]
 
 
+def _session_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of session `sid`."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6 of stat: the session id
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def _spawn(args: list[str], log_path: Path, stop_at: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """Run `args`, timestamping each stdout/stderr line on arrival. `stop_at(step)` true: kill
-    the process group (csl and the Ray it started) and return. Returns {rc, step_times}."""
+    the process group (csl and the Ray it started) and return. Returns {rc, step_times (s since
+    launch), step_cpu (CPU s of the whole session, Ray included), marks (first line of each
+    phase)}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CSL_FAULT", "CSL_RECORD", "RAY_ADDRESS"))}
     env["PYTHONUNBUFFERED"] = "1"
     t0 = time.perf_counter()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                          env=env, cwd=REPO, start_new_session=True)
     step_times: dict[int, float] = {}
+    step_cpu: dict[int, float] = {}
+    marks: dict[str, float] = {}
+    phases = {"cli": ("starting run", "resuming run"), "group": ("Started training worker group",),
+              "restored": ("] resumed at step",)}
     stopped = False
     assert p.stdout is not None
     with open(log_path, "w") as log:
         for line in p.stdout:
             t = time.perf_counter() - t0
             log.write(f"{t:8.3f} {line}")
+            for phase, needles in phases.items():
+                if phase not in marks and any(n in line for n in needles):
+                    marks[phase] = t
             m = STEP_LINE.search(line)
             if m and int(m.group(1)) not in step_times:
                 step = int(m.group(1))
                 step_times[step] = t
+                step_cpu[step] = _session_cpu_s(p.pid)
                 if stop_at is not None and stop_at(step):
                     stopped = True
                     os.killpg(p.pid, signal.SIGKILL)
@@ -125,7 +162,7 @@ def _spawn(args: list[str], log_path: Path, stop_at: Callable[[int], bool] | Non
             pass
     elif rc != 0:
         raise RuntimeError(f"{shlex.join(args)} exited {rc}; log: {log_path}")
-    return {"rc": rc, "step_times": step_times, "wall": time.perf_counter() - t0}
+    return {"rc": rc, "step_times": step_times, "step_cpu": step_cpu, "marks": marks, "wall": time.perf_counter() - t0}
 
 
 def _steady_rate(rates: list[tuple[int, float]], total: int, tainted: Callable[[int, int], bool]) -> float:
@@ -140,8 +177,8 @@ def _steady_rate(rates: list[tuple[int, float]], total: int, tainted: Callable[[
     return statistics.median(keep)
 
 
-def csl_throughput(data: str, storage: str, name: str, steps: int, every: int, logs: Path) -> float:
-    _spawn(_csl_args(data, storage, name, steps, WINDOW, every, 2), logs / f"{name}.log")
+def csl_throughput(data: str, storage: str, name: str, steps: int, every: int, logs: Path) -> tuple[float, float]:
+    run = _spawn(_csl_args(data, storage, name, steps, WINDOW, every, 2), logs / f"{name}.log")
     recs = [json.loads(ln) for ln in (Path(storage) / name / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     rates, val_after = [], set()
     for i, r in enumerate(recs):
@@ -154,11 +191,17 @@ def csl_throughput(data: str, storage: str, name: str, steps: int, every: int, l
         ckpt = every and any(s % every == 0 for s in range(max(prev, 1), end))  # checkpoint after step s, prev <= s < end
         return bool(ckpt) or end in val_after
 
-    return _steady_rate(rates, steps, tainted)
+    # Samples per CPU-second of the whole session (workers, driver, GCS, raylet, controller) over
+    # the same windows, from the session's CPU time read as each step line arrives.
+    cpu = run["step_cpu"]
+    samples = WINDOW * BATCH * 2
+    cpu_rates = [(end, samples / (cpu[end] - cpu[end - WINDOW])) for end, _ in rates
+                 if end - WINDOW in cpu and end in cpu and cpu[end] > cpu[end - WINDOW]]
+    return _steady_rate(rates, steps, tainted), _steady_rate(cpu_rates, steps, tainted)
 
 
 # ---------------------------------------------------------------------------------------
-# the plain loop (run in a child process so that its thread count is its own)
+# the plain loop (run in a child process so that its thread count and niceness are its own)
 
 
 def _wds_batches(data: str, epoch: int, image_size: int, num_classes: int):
@@ -221,7 +264,7 @@ def plain_worker(data: str, steps: int, threads: int, reader: str) -> dict[str, 
                          manifest=manifest)
     model.train()
     loss_sum = torch.zeros(())
-    ends, epoch_starts, step, epoch = [], set(), 0, 0
+    ends, cpu_ends, epoch_starts, step, epoch = [], [], set(), 0, 0
     t0 = time.perf_counter()
     while step < steps:
         stream.set_epoch(epoch)
@@ -239,18 +282,20 @@ def plain_worker(data: str, steps: int, threads: int, reader: str) -> dict[str, 
             loss_sum += loss.detach()
             step += 1
             ends.append(time.perf_counter() - t0)
+            cpu_ends.append(time.process_time())
             if step >= steps:
                 break
         epoch += 1
-    rates = []
-    for end in range(WINDOW, steps + 1, WINDOW):
-        prev_t = ends[end - WINDOW - 1] if end > WINDOW else 0.0
-        rates.append((end, WINDOW * BATCH / (ends[end - 1] - prev_t)))
-    rate = _steady_rate(rates, steps, lambda prev, end: any(prev < s <= end for s in epoch_starts))
-    return {"rate": rate, "threads": torch.get_num_threads(), "loss": float(loss_sum) / steps}
+    rates, cpu_rates = [], []
+    for end in range(2 * WINDOW, steps + 1, WINDOW):
+        rates.append((end, WINDOW * BATCH / (ends[end - 1] - ends[end - WINDOW - 1])))
+        cpu_rates.append((end, WINDOW * BATCH / max(cpu_ends[end - 1] - cpu_ends[end - WINDOW - 1], 1e-9)))
+    tainted = lambda prev, end: any(prev < s <= end for s in epoch_starts)  # noqa: E731
+    return {"rate": _steady_rate(rates, steps, tainted), "cpu_rate": _steady_rate(cpu_rates, steps, tainted),
+            "threads": torch.get_num_threads(), "loss": float(loss_sum) / steps}
 
 
-def plain_throughput(data: str, steps: int, threads: int, reader: str) -> float:
+def plain_throughput(data: str, steps: int, threads: int, reader: str) -> tuple[float, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, __file__, "--plain-worker", json.dumps({"data": data, "steps": steps, "threads": threads, "reader": reader})]
     # Ray runs its workers at niceness 15 (raylet's worker_niceness): the plain loop gets the same
@@ -261,7 +306,7 @@ def plain_throughput(data: str, steps: int, threads: int, reader: str) -> float:
         raise RuntimeError(f"plain loop ({reader}, {threads} threads) failed:\n{p.stderr[-3000:]}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["threads"] == threads, out
-    return out["rate"]
+    return out["rate"], out["cpu_rate"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +334,9 @@ def cut_run(src: Path, dst: Path, step: int) -> None:
     snap_path.write_text(json.dumps(snap))
 
 
-def resume_latency(data: str, storage: str, base: str, name: str, step: int, total: int, logs: Path) -> float:
+def resume_latency(data: str, storage: str, base: str, name: str, step: int, total: int, logs: Path) -> tuple[float, float]:
+    """(launch -> first step, worker group started -> first step): the second leaves out Python
+    and Ray start-up, which cannot depend on the checkpoint, and keeps restore + first batch."""
     cut_run(Path(storage) / base, Path(storage) / name, step)
     r = _spawn(_csl_args(data, storage, name, total, 1, RESUME_EVERY, 100), logs / f"{name}.log",
                stop_at=lambda s: s > step)
@@ -297,7 +344,8 @@ def resume_latency(data: str, storage: str, base: str, name: str, step: int, tot
     if first != step + 1:
         raise RuntimeError(f"resume from step {step}: first step printed was {first}, expected {step + 1}; log {logs / name}.log")
     shutil.rmtree(Path(storage) / name, ignore_errors=True)
-    return r["step_times"][first]
+    t = r["step_times"][first]
+    return t, t - r["marks"].get("group", float("nan"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,21 +386,21 @@ def main() -> int:
 
             build_synthetic(data, train=4000, val=200, image_size=64, shard_samples=250, progress=False)
 
-        contenders: list[tuple[str, Callable[[int], float], int]] = [
+        contenders: list[tuple[str, Callable[[int], tuple[float, float]], int]] = [
             ("csl train (2 workers x 1 thread)", lambda r: csl_throughput(data, storage, f"tput-{r}", a.steps, a.ckpt_every, logs), 2),
             ("plain loop, 1 thread", lambda r: plain_throughput(data, a.steps, 1, "stream"), 1),
             ("plain loop, 2 threads", lambda r: plain_throughput(data, a.steps, 2, "stream"), 2),
         ]
         if not a.no_wds:
             contenders.append(("plain loop + webdataset, 1 thread", lambda r: plain_throughput(data, a.steps, 1, "wds"), 1))
-        rates: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+        rates: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in contenders}
         for r in range(a.rounds):
             order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
             for name, fn, _ in order:
                 t = time.perf_counter()
                 rates[name].append(fn(r))
-                print(f"  round {r + 1}: {name:<36} {rates[name][-1]:7.1f} samples/s  ({time.perf_counter() - t:.0f} s, "
-                      f"load {_load()})", flush=True)
+                print(f"  round {r + 1}: {name:<36} {rates[name][-1][0]:7.1f} samples/s, {rates[name][-1][1]:6.1f} per CPU-s "
+                      f"({time.perf_counter() - t:.0f} s, load {_load()})", flush=True)
 
         # start and resume latency
         base = "resume-base"
@@ -360,46 +408,54 @@ def main() -> int:
         start_s = r0["step_times"].get(1)
         if start_s is None:
             raise RuntimeError(f"no 'step 1/' line from {base}; log {logs / base}.log")
-        print(f"  start to first step: {start_s:.1f} s (whole {a.resume_steps}-step run {r0['wall']:.0f} s)", flush=True)
+        start_group = start_s - r0["marks"].get("group", float("nan"))
+        print(f"  start to first step: {start_s:.1f} s, of which {start_group:.1f} s after the worker group started "
+              f"(whole {a.resume_steps}-step run {r0['wall']:.0f} s)", flush=True)
         early_at, late_at = RESUME_EVERY, a.resume_steps - RESUME_EVERY
-        lat: dict[str, list[float]] = {"early": [], "late": []}
+        lat: dict[str, list[tuple[float, float]]] = {"early": [], "late": []}
         for r in range(a.rounds):
             pair = [("early", early_at), ("late", late_at)]
             for which, at in pair if r % 2 == 0 else pair[::-1]:
                 lat[which].append(resume_latency(data, storage, base, f"resume-{which}-{r}", at, a.resume_steps, logs))
-                print(f"  round {r + 1}: resume from step {at:<4} to first step {lat[which][-1]:5.1f} s (load {_load()})", flush=True)
+                print(f"  round {r + 1}: resume from step {at:<4} to first step {lat[which][-1][0]:5.1f} s, "
+                      f"{lat[which][-1][1]:4.1f} s after the worker group started (load {_load()})", flush=True)
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
-    med = {name: statistics.median(v) for name, v in rates.items()}
+    med = {name: statistics.median(x for x, _ in v) for name, v in rates.items()}
+    med_cpu = {name: statistics.median(c for _, c in v) for name, v in rates.items()}
     cores = {name: c for name, _, c in contenders}
     csl_name, p1_name = contenders[0][0], contenders[1][0]
     print()
-    print(f"{'contender':<36} {'samples/s':>10} {'per core':>9} {'cores':>6}  runs (samples/s)")
+    print(f"{'contender':<36} {'samples/s':>10} {'per core':>9} {'cores':>6} {'per CPU-s':>10}  runs (samples/s)")
     for name in rates:
-        runs = ", ".join(f"{x:.1f}" for x in rates[name])
-        print(f"{name:<36} {med[name]:10.1f} {med[name] / cores[name]:9.1f} {cores[name]:6d}  {runs}")
+        runs = ", ".join(f"{x:.1f}" for x, _ in rates[name])
+        print(f"{name:<36} {med[name]:10.1f} {med[name] / cores[name]:9.1f} {cores[name]:6d} {med_cpu[name]:10.1f}  {runs}")
     print()
     failed = False
     ratio = (med[csl_name] / 2) / (med[p1_name] / 1)
     ok = ratio >= 0.8
     failed |= not ok
     print(f"csl per core / plain(1 thread) per core = {ratio:.2f}  (bar >= 0.80)  {'PASS' if ok else 'FAIL'}")
+    print(f"  for reading: per CPU-second (CPU time actually granted; csl counts all its Ray processes) "
+          f"csl / plain(1 thread) = {med_cpu[csl_name] / med_cpu[p1_name]:.2f}")
     p2 = contenders[2][0]
-    print(f"  for reading: csl per core / plain(2 threads) per core = {(med[csl_name] / 2) / (med[p2] / 2):.2f}; "
-          f"csl / plain(2 threads) total = {med[csl_name] / med[p2]:.2f}")
+    print(f"  for reading: csl per core / plain(2 threads) per core = {(med[csl_name] / 2) / (med[p2] / 2):.2f}")
     if not a.no_wds:
         wds_name = contenders[3][0]
         print(f"  for reading: plain ShardStream / plain webdataset (1 thread) = {med[p1_name] / med[wds_name]:.2f}")
-    print(f"start to first step: {start_s:.1f} s")
-    e, l_ = statistics.median(lat["early"]), statistics.median(lat["late"])
+    print(f"start to first step: {start_s:.1f} s ({start_group:.1f} s after the worker group started)")
+    e, l_ = statistics.median(x for x, _ in lat["early"]), statistics.median(x for x, _ in lat["late"])
     spread = max(e, l_) / min(e, l_)
     ok = spread <= 1.2
     failed |= not ok
     print(f"resume to first step: early (step {early_at}) {e:.1f} s, late (step {late_at}) {l_:.1f} s "
-          f"[runs: {', '.join(f'{x:.1f}' for x in lat['early'])} / {', '.join(f'{x:.1f}' for x in lat['late'])}]; "
+          f"[runs: {', '.join(f'{x:.1f}' for x, _ in lat['early'])} / {', '.join(f'{x:.1f}' for x, _ in lat['late'])}]; "
           f"late/early = {l_ / e:.2f}, max/min = {spread:.2f} (bar <= 1.20)  {'PASS' if ok else 'FAIL'}")
+    eg, lg = statistics.median(g for _, g in lat["early"]), statistics.median(g for _, g in lat["late"])
+    print(f"  for reading: worker group started -> first step (restore + first batch; no Python/Ray start-up): "
+          f"early {eg:.1f} s, late {lg:.1f} s, late/early = {lg / eg:.2f}")
     print(f"total {time.perf_counter() - t_all:.0f} s, load average {_load()}")
     return 1 if failed else 0
 
