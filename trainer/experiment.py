@@ -158,7 +158,7 @@ def findings(table: dict[str, dict[str, Any]]) -> list[str]:
 
     def add(claim: str, res: tuple[str, bool] | None) -> None:
         if res is None:
-            out.append(f"- {claim}: not measured (a variant is missing from the grid)")
+            out.append(f"- {claim}: not measured (a variant it needs has no finished run)")
         else:
             out.append(f"- {claim}: **{'holds' if res[1] else 'does NOT hold'}** -- {res[0]}")
 
@@ -192,7 +192,11 @@ def render_markdown(result: dict[str, Any]) -> str:
              f"Mean ± sample std over the finished seeds.", "",
              f"Runs finished: {result['finished']} of {result['planned']}.", ""]
     for scheme, rows in result["table"].items():
-        lines += [f"## `{scheme}`", "", "| loss | mAP(C) | mAP(O) | n seeds |", "|---|---|---|---|"]
+        lines += [f"## `{scheme}`", ""]
+        if not rows:
+            lines += ["No finished runs yet.", ""]
+            continue
+        lines += ["| loss | mAP(C) | mAP(O) | n seeds |", "|---|---|---|---|"]
         lines += [f"| {v} | {_fmt(r['map_c'])} | {_fmt(r['map_o'])} | {r['map_c']['n']} |" for v, r in rows.items()]
         pri = [p for p in result["priors"] if p["scheme"] == scheme]
         if pri:
