@@ -72,6 +72,9 @@ def test_tiny_grid_writes_tables_and_resumes_without_retraining(tmp_path):
     assert "likelihood_topk: 0" in csl_p and "priors/rpa0.5-s0-ignore.csv" in csl_p
     md = (out / "experiment.md").read_text()
     assert "## `rpa:0.5`" in md and "## `fpc:8`" in md and "| csl-P |" in md
+    assert res["table_raw_model"]["fpc:8"]["ignore"]["map_c"]["mean"] == res["runs"][2]["map_c_raw_model"]
+    if res["settings"]["weights"] == "EMA":
+        assert "## Raw model (no EMA)" in md and "| fpc:8 | csl-P |" in md
     assert "## Findings" in md and "favours Negative over Ignore: not measured" in md
 
     t0 = time.time()
