@@ -28,7 +28,7 @@ import numpy as np
 from data_shards.storage import read_manifest
 
 from .config import Config, load_config
-from .launch import resolve_checkpoint, run_dir_of
+from .launch import ensure_ray, resolve_checkpoint, run_dir_of
 from .metrics import spearman
 from .pipeline import stage_config, training_done
 
@@ -162,9 +162,7 @@ def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image
     base = load_config("synthetic-cpu", [f"data.root={data}", f"data.image_size={image_size}", f"train.epochs={epochs}",
                                          f"train.seed={seed}", f"cluster.workers={workers}", *(overrides or [])])
     runs = os.path.join(out, "runs")
-    started_ray = not ray.is_initialized()
-    if started_ray and not os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False, log_to_driver=True)
+    started_ray = ensure_ray()  # one cluster for all five stages
     try:
         cfgs = {"ignore": stage_config(base, runs, "ignore", loss_name="ignore", prior_path=None),
                 "negative": stage_config(base, runs, "negative", loss_name="negative", prior_path=None)}

@@ -27,7 +27,8 @@ from data_shards.storage import get_fs, is_remote, join, read_manifest
 from .config import Config
 from .loop import MODEL_FILE, STATE_FILE
 
-__all__ = ["run_dir_of", "latest_checkpoint", "launch", "resolve_checkpoint", "check_inputs", "check_resumable"]
+__all__ = ["run_dir_of", "latest_checkpoint", "launch", "resolve_checkpoint", "check_inputs", "check_resumable",
+           "ensure_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,15 @@ _TRAJECTORY = {
 
 
 def _trajectory_changes(old: Config, new: Config) -> list[str]:
+    # Only OneCycle is built for a total step count: with a constant LR, training longer (more
+    # epochs, a higher max_steps) continues the same trajectory.
+    extendable = {"epochs", "max_steps"} if old.optim.schedule == new.optim.schedule == "constant" else set()
     out = []
     for section, keys in _TRAJECTORY.items():
         a, b = getattr(old, section).model_dump(), getattr(new, section).model_dump()
         for k in keys or sorted(set(a) | set(b)):
+            if section == "train" and k in extendable:
+                continue
             if a.get(k) != b.get(k):
                 out.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
     return out
@@ -136,15 +142,22 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
         )
 
 
-def _ensure_ray(cfg: Config) -> None:
+def ensure_ray() -> bool:
+    """Join the cluster at RAY_ADDRESS, else start a local one; True if this call started Ray.
+
+    The local cluster keeps Ray's dashboard process (on 127.0.0.1): Ray Train's placement
+    group cleaner polls the state API it serves, and without it warns every second and
+    cannot clean up after a crashed controller.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(log_to_driver=True, dashboard_host="127.0.0.1")
+    return True
 
 
 def launch(cfg: Config) -> dict[str, Any]:
@@ -164,7 +177,7 @@ def launch(cfg: Config) -> dict[str, Any]:
         print(f"starting run {cfg.run.name!r} in {run_dir}", flush=True)
     cfg.save_resolved(join(run_dir, "config.yaml"))
 
-    _ensure_ray(cfg)
+    ensure_ray()
     storage_path, storage_fs = _storage_for_ray(cfg.run.storage)
     use_gpu = cfg.cluster.gpus_per_worker > 0
     resources = {"CPU": cfg.cluster.cpus_per_worker}

@@ -88,7 +88,7 @@ class _RunLog:
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                if isinstance(v, (int, float)) and k not in ("step", "epoch", "time"):
                     self._tb.add_scalar(k, v, record["step"])
 
     def flush(self) -> None:
@@ -303,7 +303,7 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
             if step % cfg.train.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 rate = samples_since * world_size / max(now - t_log, 1e-9)
-                rec = {"step": step, "epoch": epoch, "epoch_progress": round(stream.state_dict()["batch"] / len(stream), 4),
+                rec = {"step": step, "time": round(time.time(), 3), "epoch": epoch, "epoch_progress": round(stream.state_dict()["batch"] / len(stream), 4),
                        "loss": float(loss_sum.item()) / max(loss_count, 1), "lr": float(engine.lr),
                        "samples_per_s": round(rate, 2)}
                 loss_sum.zero_()
@@ -321,7 +321,8 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                 break
         last_eval = _validate(engine, val_stream, world_size, device, dtype)
         if log is not None:
-            log.write({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in last_eval.items()}})
+            log.write({"step": step, "time": round(time.time(), 3), "epoch": epoch,
+                       **{f"val_{k}": v for k, v in last_eval.items()}})
         if step > last_ckpt_step or done:
             checkpoint(last_eval)
             last_ckpt_step = step

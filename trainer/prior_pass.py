@@ -223,19 +223,6 @@ def _checkpoint_meta(checkpoint: str, weights: str) -> tuple[str, dict[str, Any]
     return ckpt, cfg.model_dump(mode="json"), classes, weights
 
 
-def _start_ray() -> bool:
-    """launch._ensure_ray's rule (RAY_ADDRESS, else a local cluster); True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
-    return True
-
-
 def _default_actors(cpus: float, gpus: float) -> int:
     import ray
 
@@ -284,7 +271,9 @@ def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train
 
     import ray
 
-    started = _start_ray()
+    from .launch import ensure_ray
+
+    started = ensure_ray()
     try:
         n_actors = min(actors or _default_actors(cpus_per_actor, gpus_per_actor), len(shards))
         red = _run(ray, data, shards, ckpt, weights, cfg, manifest.num_classes, n_actors, batch_size,
