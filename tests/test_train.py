@@ -62,6 +62,11 @@ def test_smoke_train_export_eval_predict(data_root, tmp_path, openimages_dir):
            "checkpoint.every_steps=3", f"run.storage={tmp_path}", "run.name=smoke", "deepspeed.zero_stage=2"))
     run = tmp_path / "smoke"
     assert (run / "config.yaml").exists()
+    eval_before = (run / "eval.json").read_text()
+    again = ok(csl("train", "--config", "synthetic-cpu", *BASE, f"data.root={data_root}", "train.max_steps=6",
+                   "checkpoint.every_steps=3", f"run.storage={tmp_path}", "run.name=smoke", "deepspeed.zero_stage=2"))
+    assert "already finished at step 6" in again.stdout + again.stderr
+    assert (run / "eval.json").read_text() == eval_before
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "epoch", "loss", "lr", "samples_per_s"} <= set(lines[0])
     ev = json.loads((run / "eval.json").read_text())

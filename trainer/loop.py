@@ -237,6 +237,11 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                 print(f"[rank 0] resumed at step {step}: epoch {stream.epoch}, batch {state['stream']['batch']}", flush=True)
     # The cursor knows where we are: a checkpoint that closed epoch e resumes at (e + 1, 0).
     epoch = stream.epoch
+    if step >= total_steps:
+        # The same command again after the run finished: nothing to train, and eval.json stays.
+        if rank == 0:
+            print(f"[rank 0] run already finished at step {step} of {total_steps}: nothing to do", flush=True)
+        return {}
 
     log = _RunLog(run_dir, step) if rank == 0 else None
 
@@ -260,7 +265,8 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                          "running_prior": {"acc": total.acc.tolist(), "count": total.count},
                          "classes": [c.model_dump() for c in manifest.classes], "config": cfg.model_dump(mode="json")}
                 write_bytes_atomic(os.path.join(local, STATE_FILE), json.dumps(state).encode())
-                engine.save_ema(os.path.join(local, EMA_FILE))
+                if engine.ema_module() is not None:
+                    engine.save_ema(os.path.join(local, EMA_FILE))
                 assert log is not None
                 log.flush()
             hooks.report({**metrics, "step": step, "epoch": epoch}, local, f"checkpoint_{step:08d}")
@@ -303,7 +309,7 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
             if step % cfg.train.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 rate = samples_since * world_size / max(now - t_log, 1e-9)
-                rec = {"step": step, "time": round(time.time(), 3), "epoch": epoch, "epoch_progress": round(stream.state_dict()["batch"] / len(stream), 4),
+                rec = {"step": step, "time": round(time.time(), 3), "epoch": epoch, "epoch_progress": round((stream.state_dict()["batch"] or len(stream)) / len(stream), 4),
                        "loss": float(loss_sum.item()) / max(loss_count, 1), "lr": float(engine.lr),
                        "samples_per_s": round(rate, 2)}
                 loss_sum.zero_()
