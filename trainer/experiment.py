@@ -44,7 +44,7 @@ import numpy as np
 from data_shards.simulate import parse_scheme
 
 from .config import Config, load_config
-from .launch import resolve_checkpoint, run_dir_of
+from .launch import ensure_ray, resolve_checkpoint, run_dir_of
 from .pipeline import stage_config, training_done
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "default_schemes", "run_experiment", "summarise", "render_markdown"]
@@ -276,9 +276,7 @@ def run_experiment(out: str = "experiment_out", *, schemes: tuple[str, ...] | li
         return result
 
     os.makedirs(out, exist_ok=True)
-    started_ray = not ray.is_initialized()
-    if started_ray and not os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False, log_to_driver=True)
+    started_ray = ensure_ray()  # one cluster for the whole grid
     k = 0
     try:
         for scheme in schemes:
