@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from data_shards.format import ClassInfo
-from data_shards.storage import get_fs, is_remote, join, read_bytes, read_manifest, write_bytes_atomic
+from data_shards.storage import get_fs, is_remote, read_bytes, read_manifest, write_bytes_atomic
 
 from .config import Config
 from .launch import resolve_checkpoint

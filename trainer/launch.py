@@ -17,7 +17,6 @@ same endpoint and credentials as the data reader (e.g. a MinIO or the test serve
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from typing import Any
@@ -30,7 +29,6 @@ from .loop import MODEL_FILE, STATE_FILE
 __all__ = ["run_dir_of", "latest_checkpoint", "launch", "resolve_checkpoint", "check_inputs", "check_resumable",
            "ensure_ray"]
 
-log = logging.getLogger(__name__)
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
