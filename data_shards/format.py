@@ -225,10 +225,15 @@ def decode_labels(
 
 
 def targets_from_sparse(
-    pos_lists: Sequence[Sequence[int]], neg_lists: Sequence[Sequence[int]], num_classes: int
+    pos_lists: Sequence[Sequence[int]], neg_lists: Sequence[Sequence[int]], num_classes: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Dense int8 targets [B, C] in {1, -1, 0}, built per batch from sparse lists."""
-    out = np.zeros((len(pos_lists), num_classes), dtype=np.int8)
+    """Dense int8 targets [B, C] in {1, -1, 0}, built per batch from sparse lists (into `out`,
+    an int8 [B, C] array, when given)."""
+    if out is None:
+        out = np.zeros((len(pos_lists), num_classes), dtype=np.int8)
+    else:
+        out[...] = 0
     for i, (p, n) in enumerate(zip(pos_lists, neg_lists)):
         out[i, p] = 1
         out[i, n] = -1

@@ -5,12 +5,12 @@ dicts {"image": float32 [b, 3, S, S], "target": int8 [b, C] in {1, -1, 0}, "key"
 "shard": int64 [b], "index": int64 [b]}. Which samples go where is decided by the pure plan of
 `partition.py` (read its docstring first); this module executes it.
 
-Hand-off. Workers collate uint8 [b, S, S, 3] (already flipped) and the main process normalises
-(`decode.normalize`) before yielding. A float32 batch of 32x224x224 is 19 MB, and torch hands a
-worker's tensor over by copying it into freshly allocated shared memory: that cost a worker
-17-20 ms per batch, about a fifth of its time, against ~5 ms for the uint8 batch plus ~4 ms of
-normalising in the consumer. `output="uint8"` yields the uint8 batch itself, for a trainer that
-normalises on the GPU with `decode.normalize` (a quarter of the host-to-device bytes too).
+Hand-off. Workers decode uint8 [b, S, S, 3] (already flipped) straight into reusable shared
+batch slots (`handoff.SlotPool`, read its docstring) and the main process normalises
+(`decode.normalize`) from the slot before yielding. Normalising in the worker would hand 4x the
+bytes across (a float32 batch of 32x224x224 is 19 MB). `output="uint8"` yields a copy of the
+uint8 batch, for a trainer that normalises on the GPU with `decode.normalize` (a quarter of
+the host-to-device bytes too).
 
 Workers. With `num_workers > 0` the DataLoader's workers are persistent (`persistent_workers`,
 default on): forked at the first iteration and reused by every later one, so an epoch does not
@@ -22,16 +22,8 @@ had prefetched (at most `prefetch_factor` batches each of wasted decoding). An e
 shuts them down, so the next iteration starts clean. `close()` stops them early; otherwise they
 stop with the stream.
 
-Reading. Each DataLoader worker streams the shards of its plan in order through fsspec
-(`storage.open_file`: local paths, s3:// through s3fs with botocore retries, any other URL) and
-the standard `tarfile` stream reader, grouping consecutive members by key the way webdataset
-does (`<key>.<ext>`, key up to the first dot of the base name). Only the image (`.jpg`,
-`.jpeg`, `.png`, `.webp`) and `.json` members are read; everything else is skipped unread and
-nothing is ever unpickled, whatever a member's extension. webdataset's own pipeline is not used
-because its decoders would unpickle `.pyd`/`.pkl` members and its error handling cannot say
-which planned sample was lost; a sample's index is its order of appearance in the shard, which
-is what the plan addresses. Opening a shard retries transient OSErrors with back-off, and an
-OSError in the middle of a stream reopens the shard and skips to where it was.
+Reading. Each DataLoader worker streams the shards of its plan in order (`shard_reader.iter_shard`,
+read its docstring: fsspec, the standard tar stream reader, nothing ever unpickled).
 
 Resume cost. A worker restarting mid-epoch opens only the shard holding the first sample it
 still needs, streams (without keeping or decoding) that shard's prefix, then reads the current
@@ -59,8 +51,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import tarfile
-import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
@@ -70,6 +60,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import ImageDecodeError, decode_image, flip_mask, normalize
 from .format import IMAGE_EXTS, LabelError, Manifest, decode_labels, targets_from_sparse
+from .handoff import SlotPool
 from .partition import (
     WorkerPlan,
     consumed_batches,
@@ -77,7 +68,8 @@ from .partition import (
     plan_worker_for,
     worker_plan,
 )
-from .storage import join, open_file, read_manifest
+from .shard_reader import RawSample, ShardReadError, iter_shard
+from .storage import join, read_manifest
 
 __all__ = [
     "ShardStream",
@@ -89,8 +81,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_WANTED = frozenset(IMAGE_EXTS) | {"json"}
-_RETRY_BASE_S = 0.5  # first back-off; doubles per attempt, capped at 8 s
 _PLAN_FIELDS = ("seed", "world_size", "batch_size", "num_workers", "shuffle", "shuffle_buffer", "samples", "shards")
 
 
@@ -100,107 +90,6 @@ class CorruptSampleError(ValueError):
 
 class ResumeError(ValueError):
     """A cursor that cannot be restored exactly into this stream's settings."""
-
-
-class ShardReadError(OSError):
-    """A shard that cannot be opened or read after retries."""
-
-
-@dataclass(slots=True)
-class _Raw:
-    key: str | None
-    members: dict[str, bytes]
-    error: str | None = None
-    logged: bool = False
-
-
-def _split_name(name: str) -> tuple[str | None, str]:
-    # Same rule as webdataset's base_plus_ext: the key runs to the first dot of the base name.
-    base_at = name.rfind("/") + 1
-    dot = name.find(".", base_at)
-    if dot <= base_at:
-        return None, ""
-    return name[:dot], name[dot + 1 :].lower()
-
-
-def _open(url: str, retries: int) -> Any:
-    for attempt in range(retries + 1):
-        try:
-            return open_file(url)
-        except (FileNotFoundError, PermissionError) as e:
-            raise ShardReadError(f"shard {url}: cannot open ({type(e).__name__}: {e})") from None
-        except OSError as e:
-            if attempt == retries:
-                raise ShardReadError(f"shard {url}: cannot open after {retries + 1} attempts ({e})") from e
-            time.sleep(min(_RETRY_BASE_S * 2**attempt, 8.0))
-    raise AssertionError("unreachable")
-
-
-def _groups(f: Any, start: int, stop: int, max_member_bytes: int) -> Iterator[tuple[int, _Raw]]:
-    """(index, raw) for member groups start..stop-1; groups before start are skipped unread."""
-    tf = tarfile.open(fileobj=f, mode="r|")
-    g, cur = -1, None
-    for ti in tf:
-        tf.members = []  # a streaming TarFile otherwise keeps every header it has seen
-        if not ti.isreg():
-            continue
-        key, ext = _split_name(ti.name)
-        if key is None:
-            continue
-        if cur is None or key != cur.key:
-            if cur is not None and g >= start:
-                yield g, cur
-            g, cur = g + 1, _Raw(key, {})
-            if g >= stop:
-                return
-        if g < start or ext not in _WANTED:
-            continue  # tarfile skips the data of members we do not extract
-        if ext in cur.members:
-            cur.error = f"duplicate member {ti.name!r}"
-        elif ti.size > max_member_bytes:
-            cur.error = f"member {ti.name!r} is {ti.size} bytes (limit {max_member_bytes})"
-        else:
-            fobj = tf.extractfile(ti)
-            assert fobj is not None
-            cur.members[ext] = fobj.read()
-    if cur is not None and start <= g < stop:
-        yield g, cur
-
-
-def iter_shard(
-    url: str, start: int, stop: int, *, max_member_bytes: int = 64 << 20, retries: int = 3
-) -> Iterator[tuple[int, _Raw]]:
-    """Samples start..stop-1 of a shard, each exactly once and in order.
-
-    Samples a corrupt or truncated tar lost (or that the shard simply lacks) come out with
-    `error` set, so the caller's policy sees every planned sample.
-    """
-    nxt, attempt, lost = start, 0, None
-    last_key: str | None = None
-    while nxt < stop:
-        f = _open(url, retries)
-        try:
-            for i, raw in _groups(f, nxt, stop, max_member_bytes):
-                nxt, last_key = i + 1, raw.key
-                yield i, raw
-            if nxt < stop:
-                lost = f"tar ends after {nxt} samples (after key {last_key!r}), manifest says at least {stop}"
-            break
-        except tarfile.TarError as e:
-            lost = f"tar is corrupt or truncated after sample {nxt} (after key {last_key!r}): {e}"
-            break
-        except OSError as e:
-            attempt += 1
-            if attempt > retries:
-                raise ShardReadError(f"shard {url}: read failed after {retries} retries at sample {nxt} ({e})") from e
-            log.warning("shard %s: read error at sample %d (%s); reopening", url, nxt, e)
-            time.sleep(min(_RETRY_BASE_S * 2**attempt, 8.0))
-        finally:
-            f.close()
-    if nxt < stop:
-        log.warning("shard %s: %s; %d planned samples lost", url, lost, stop - nxt)
-        for i in range(nxt, stop):
-            yield i, _Raw(None, {}, lost, logged=True)
 
 
 @dataclass(frozen=True)
@@ -231,13 +120,17 @@ class _ShardDataset(IterableDataset):
 
     def __init__(self, cfg: _Config):
         self.cfg = cfg
-        self.cursor = mp.RawArray("q", 2)  # epoch, start batch; written only by the main process
+        # epoch, start batch, iteration number (generation); written only by the main process
+        self.cursor = mp.RawArray("q", 3)
+        self.pool: SlotPool | None = None  # set by the stream before the workers fork
+        self._worker = self._generation = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         c = self.cfg
-        epoch, start_batch = int(self.cursor[0]), int(self.cursor[1])
+        epoch, start_batch, self._generation = (int(x) for x in self.cursor)
         info = get_worker_info()
         loader_worker, loader_workers = (info.id, info.num_workers) if info else (0, 1)
+        self._worker = loader_worker
         assert loader_workers == max(1, c.num_workers), "DataLoader worker count differs from the plan"
         pw = plan_worker_for(loader_worker, start_batch, c.num_workers)
         plan = worker_plan(
@@ -247,7 +140,7 @@ class _ShardDataset(IterableDataset):
         )
         return self._run(plan, consumed_batches(start_batch, pw, c.num_workers), epoch)
 
-    def _positions(self, plan: WorkerPlan, first: int) -> Iterator[tuple[int, int, int, _Raw]]:
+    def _positions(self, plan: WorkerPlan, first: int) -> Iterator[tuple[int, int, int, RawSample]]:
         """(worker position, shard, sample index, raw) from position `first` on."""
         pos = 0
         for shard, lo, hi in plan.segments.tolist():
@@ -271,7 +164,7 @@ class _ShardDataset(IterableDataset):
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         last_needed = np.maximum.reduceat(todo, offsets[:-1])
         reader = self._positions(plan, int(todo.min()))
-        buf: dict[int, tuple[int, int, _Raw]] = {}
+        buf: dict[int, tuple[int, int, RawSample]] = {}
         read_upto = 0
         for t, bid in enumerate(plan.batch_ids[consumed:].tolist()):
             while read_upto <= last_needed[t]:
@@ -281,9 +174,15 @@ class _ShardDataset(IterableDataset):
                 read_upto = p + 1
             yield self._assemble([buf.pop(p) for p in todo[offsets[t] : offsets[t + 1]].tolist()], bid, epoch)
 
-    def _assemble(self, items: list[tuple[int, int, _Raw]], batch_id: int, epoch: int) -> dict[str, Any]:
+    def _assemble(self, items: list[tuple[int, int, RawSample]], batch_id: int, epoch: int) -> dict[str, Any]:
         c = self.cfg
-        images, pos, neg, keys, shards, idxs = [], [], [], [], [], []
+        pool = self.pool if get_worker_info() is not None else None
+        slot = pool.acquire(self._worker, self._generation) if pool is not None else -1
+        if slot >= 0:
+            images = pool.images[slot]
+        else:  # in-process, or every slot in use: a plain array, handed over by torch
+            images = np.empty((len(items), c.image_size, c.image_size, 3), dtype=np.uint8)
+        pos, neg, keys, shards, idxs = [], [], [], [], []
         corrupt = 0
         # Flips are keyed by (shard, index), so they can be drawn before knowing which decode.
         if c.train_transform:
@@ -311,7 +210,7 @@ class _ShardDataset(IterableDataset):
                     log.warning("skipping corrupt sample: %s", e)
                 corrupt += 1
                 continue
-            images.append(img)
+            images[len(keys)] = img
             pos.append(p)
             neg.append(n)
             keys.append(raw.key)
@@ -322,17 +221,27 @@ class _ShardDataset(IterableDataset):
             raise CorruptSampleError(
                 f"rank {c.rank} batch {batch_id}: all {len(items)} samples are corrupt (shards: {', '.join(names)})"
             )
-        shard_t, idx_t = np.asarray(shards, dtype=np.int64), np.asarray(idxs, dtype=np.int64)
-        return {
-            # uint8 channels-last; the consumer normalises (a quarter of the bytes to hand to
-            # the main process that float32 would be, see the module docstring).
-            "image": torch.from_numpy(np.stack(images)),
-            "target": torch.from_numpy(targets_from_sparse(pos, neg, c.num_classes)),
+        n = len(keys)
+        out: dict[str, Any] = {
+            "slot": slot,
             "key": keys,
-            "shard": torch.from_numpy(shard_t),
-            "index": torch.from_numpy(idx_t),
+            # numpy, not torch: small arrays travel inline with the message instead of each
+            # taking a shared-memory segment and a file descriptor; the main process wraps them.
+            "shard": np.asarray(shards, dtype=np.int64),
+            "index": np.asarray(idxs, dtype=np.int64),
             "corrupt": corrupt,
         }
+        if slot >= 0:
+            targets_from_sparse(pos, neg, c.num_classes, out=pool.targets[slot, :n])
+        else:
+            # uint8 channels-last; the consumer normalises (see the module docstring).
+            out["image"] = torch.from_numpy(images[:n])
+            out["target"] = torch.from_numpy(targets_from_sparse(pos, neg, c.num_classes))
+        return out
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch  # torch's default would turn the small numpy arrays into shared-memory tensors
 
 
 def _shutdown(loader_iter: Any) -> None:
@@ -466,13 +375,20 @@ class ShardStream:
         start = self._batch
         # Read by each worker's `__iter__`, which torch calls after `iter(loader)` below: at
         # worker start, or for persistent workers on the resume message it sends them.
-        self._dataset.cursor[0], self._dataset.cursor[1] = self._epoch, start
+        cursor = self._dataset.cursor
+        cursor[0], cursor[1], cursor[2] = self._epoch, start, cursor[2] + 1
         nw = self._cfg.num_workers
         if self._loader is None:
+            if nw and self._dataset.pool is None:
+                c = self._cfg
+                self._dataset.pool = SlotPool(nw, self.prefetch_factor + 2, c.batch_size, c.image_size, c.num_classes)
             self._loader = DataLoader(
                 self._dataset, batch_size=None, num_workers=nw, persistent_workers=self.persistent_workers,
                 prefetch_factor=self.prefetch_factor if nw else None, pin_memory=False,
+                # fork: the workers inherit the slot pool's mapping and the cursor
+                multiprocessing_context="fork" if nw else None, collate_fn=_as_is,
             )
+        pool = self._dataset.pool
         expect = k - start
         got = 0
         it = iter(self._loader)
@@ -481,8 +397,19 @@ class ShardStream:
                 got += 1
                 assert got <= expect, "a worker yielded more batches than its plan"
                 self.corrupt_samples += int(batch.pop("corrupt"))
-                if self.output == "float":
+                slot = batch.pop("slot")
+                if slot >= 0:
+                    assert pool is not None
+                    try:
+                        n = len(batch["key"])
+                        image = torch.from_numpy(pool.images[slot, :n])
+                        batch["image"] = normalize(image) if self.output == "float" else image.clone()
+                        batch["target"] = torch.from_numpy(pool.targets[slot, :n].copy())
+                    finally:
+                        pool.release(slot)
+                elif self.output == "float":
                     batch["image"] = normalize(batch["image"])
+                batch["shard"], batch["index"] = torch.from_numpy(batch["shard"]), torch.from_numpy(batch["index"])
                 self._batch += 1
                 if self._batch == k:
                     self._epoch, self._batch = self._epoch + 1, 0

@@ -202,7 +202,7 @@ class _Flaky:
 
 
 def test_transient_io_errors_are_retried_exactly(ds, monkeypatch):
-    import data_shards.stream as stream_mod
+    import data_shards.shard_reader as stream_mod
 
     monkeypatch.setattr(stream_mod, "_RETRY_BASE_S", 0.0)
     real = stream_mod.open_file
@@ -226,7 +226,7 @@ def test_transient_io_errors_are_retried_exactly(ds, monkeypatch):
 
 
 def test_missing_shard_is_an_error_under_either_policy(ds):
-    from data_shards.stream import ShardReadError
+    from data_shards.shard_reader import ShardReadError
 
     shard(ds, 4).unlink()
     for policy in ("skip", "fail"):

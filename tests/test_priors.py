@@ -142,7 +142,7 @@ def tiny(tmp_path_factory):
 def _reference_mean(model: torch.nn.Module, root: str, manifest: Manifest, split: str, size: int) -> tuple[np.ndarray, int]:
     """One process, one sample at a time, float64: eq. 10 written out."""
     from data_shards.decode import decode_image, to_tensor
-    from data_shards.stream import iter_shard
+    from data_shards.shard_reader import iter_shard
 
     total, n = np.zeros(manifest.num_classes), 0
     for s in manifest.split(split).shards:

@@ -233,8 +233,10 @@ def test_persistent_workers_follow_the_cursor(ds):
     assert _same(list(s), e1)  # closing only costs a fresh start
 
 
-def test_uint8_output_is_the_float_output_before_normalize(ds):
-    kw = dict(batch_size=4, image_size=8, seed=3, shuffle_buffer=5)
+@pytest.mark.parametrize("nw", [0, 2])
+def test_uint8_output_is_the_float_output_before_normalize(ds, nw):
+    """Held for a whole epoch, uint8 batches handed over through shared slots stay intact."""
+    kw = dict(batch_size=4, image_size=8, seed=3, shuffle_buffer=5, num_workers=nw)
     f = list(ShardStream(ds, "train", **kw))
     u = list(ShardStream(ds, "train", output="uint8", **kw))
     assert [b["key"] for b in f] == [b["key"] for b in u]
@@ -284,7 +286,7 @@ def test_real_photos_decode(openimages_dir, tmp_path):
 
 def test_resume_reads_only_from_the_current_window(ds, monkeypatch):
     """Resume cost: shards wholly before the resume point are never opened."""
-    import data_shards.stream as stream_mod
+    import data_shards.shard_reader as stream_mod
 
     opened: list[str] = []
     real = stream_mod.open_file
@@ -300,3 +302,15 @@ def test_resume_reads_only_from_the_current_window(ds, monkeypatch):
     assert _same(rest, full[k:])
     still_needed = {int(x) for b in rest for x in b["shard"]}
     assert len(opened) <= len(still_needed) + 1 < 6
+
+
+def test_handoff_without_a_free_slot_falls_back_to_torch_tensors(ds, monkeypatch):
+    """Every slot in use: batches still arrive, through torch's own hand-off, unchanged."""
+    from data_shards.handoff import SlotPool
+
+    kw = dict(batch_size=3, image_size=8, num_workers=2, seed=4, shuffle_buffer=5)
+    ref = list(ShardStream(ds, "train", **kw))
+    monkeypatch.setattr(SlotPool, "acquire", lambda self, worker, generation: -1)  # inherited by the fork
+    got = list(ShardStream(ds, "train", **kw))
+    assert _same(got, ref)
+    assert all(b["target"].dtype == torch.int8 and b["shard"].dtype == torch.int64 for b in got)

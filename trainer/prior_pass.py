@@ -74,7 +74,7 @@ def shard_sums(model: Any, url: str, samples: int, *, image_size: int, num_class
 
     from data_shards.decode import ImageDecodeError, decode_image, to_tensor
     from data_shards.format import IMAGE_EXTS, LabelError, decode_labels
-    from data_shards.stream import iter_shard
+    from data_shards.shard_reader import iter_shard
 
     total = torch.zeros(num_classes, dtype=torch.float64, device=device)
     pos = np.zeros(num_classes, dtype=np.int64)
