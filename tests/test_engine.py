@@ -99,6 +99,11 @@ def test_a_few_steps_decrease_the_loss(stage: int, precision: str) -> None:
     assert engine.global_step == 8
     assert losses[-1] < 0.5 * losses[0]
     assert losses[-1].dtype == torch.float32  # logits come back in fp32
+    # NHWC where DeepSpeed leaves the parameters alone (ZeRO-0, fp32), the EMA alike
+    nhwc = stage == 0 and precision == "fp32"
+    assert engine.module.conv1.weight.is_contiguous(memory_format=torch.channels_last) == nhwc
+    assert engine.ema.module.conv1.weight.is_contiguous(memory_format=torch.channels_last) == nhwc
+    assert all(v.is_contiguous() for v in engine.consolidated_state_dict().values())
 
 
 def test_onecycle_lr_and_grad_accumulation() -> None:

@@ -156,9 +156,23 @@ def test_pretrained_from_an_fsspec_url(s3_bucket: str, tmp_path) -> None:
     torch.manual_seed(3)
     source = build_model(ModelConfig(name="small-cnn"), 4)
     local = tmp_path / "w.safetensors"
-    save_file(source.state_dict(), str(local))
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(local))  # channels_last weights
     url = f"{s3_bucket}/weights/w.safetensors"
     with fsspec.open(url, "wb") as f:
         f.write(local.read_bytes())
     model = build_model(ModelConfig(name="small-cnn", pretrained=url), 4)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_channels_last_changes_the_layout_not_the_function() -> None:
+    import copy
+
+    from trainer.models import channels_last
+
+    torch.manual_seed(4)
+    nchw = build_model(ModelConfig(name="small-cnn"), 5).eval()
+    nhwc = channels_last(copy.deepcopy(nchw))
+    assert nhwc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not nchw.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(nhwc(x), nchw(x), rtol=1e-4, atol=1e-5)

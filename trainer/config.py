@@ -73,6 +73,7 @@ class ModelConfig(_Section):
     pretrained: str | None = Field(None, description="local path or fsspec URL of .safetensors/.pt weights")
     head: Literal["linear", "bottleneck"] = "linear"
     bottleneck_dim: int = Field(2048, ge=1)
+    channels_last: bool = Field(True, description="NHWC weights and activations (faster convolutions on CPU and GPU)")
 
 
 class LossConfig(_Section):

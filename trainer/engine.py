@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import Config, ConfigError
-from trainer.models import param_groups
+from trainer.models import channels_last, param_groups
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -147,9 +147,11 @@ class ModelEMA:
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.weights: dict[str, torch.Tensor] = {name: t for name, t in _named_tensors(self.module)}
 
-    def to(self, device: torch.device | str) -> ModelEMA:
+    def to(self, device: torch.device | str, memory_format: torch.memory_format | None = None) -> ModelEMA:
         self.module.to(device)
-        self.weights = {name: t for name, t in _named_tensors(self.module)}
+        if memory_format is not None:
+            self.module.to(memory_format=memory_format)
+        self.weights = {name: t for name, t in _named_tensors(self.module)}  # .to() replaces buffers
         return self
 
     def current_decay(self) -> float:
@@ -238,8 +240,18 @@ def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: in
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
+    # NHWC only once DeepSpeed is set up (its initial broadcast views parameters as bytes, which
+    # needs them contiguous) and only where it leaves them alone: ZeRO-0 in fp32 steps our own
+    # torch optimizer on the module's parameters, while ZeRO-1/2/3 and its bf16/fp16 optimizers
+    # keep parameters as views of flat buffers that a layout change would cut loose.
+    nhwc = cfg.model.channels_last and cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32"
+    if nhwc:
+        channels_last(ds_engine.module)
+    elif cfg.model.channels_last:
+        log.info("model.channels_last applies with ZeRO-0 in fp32 only; keeping NCHW (stage %d, %s)",
+                 cfg.deepspeed.zero_stage, cfg.train.precision)
     if ema is not None:
-        ema.to(ds_engine.device)
+        ema.to(ds_engine.device, torch.channels_last if nhwc else None)
     return Engine(ds_engine, ema)
 
 
@@ -450,9 +462,11 @@ class Engine:
                 full = masters.get(id(p))
             if full is None:
                 full = self._full_param(p)
-            out[name] = full.detach().float().cpu().clone()
+            # contiguous copies: a channels_last weight is not, and safetensors needs them to be
+            out[name] = full.detach().float().cpu().clone(memory_format=torch.contiguous_format)
         for name, b in self.module.named_buffers():
-            out[name] = (b.detach().float() if b.is_floating_point() else b.detach()).cpu().clone()
+            b = b.detach().float() if b.is_floating_point() else b.detach()
+            out[name] = b.cpu().clone(memory_format=torch.contiguous_format)
         order = list(self.module.state_dict().keys())
         return {k: out[k] for k in order if k in out} | {k: v for k, v in out.items() if k not in order}
 

@@ -62,7 +62,7 @@ def load_checkpoint(checkpoint: str, weights: Weights = "auto") -> LoadedModel:
     """Rebuild the model of a run folder's latest complete checkpoint (or of one checkpoint)."""
     from safetensors.torch import load_file
 
-    from .models import build_model
+    from .models import build_model, channels_last
 
     ckpt = resolve_checkpoint(checkpoint)
     with _local_copy(ckpt) as local:
@@ -84,6 +84,8 @@ def load_checkpoint(checkpoint: str, weights: Weights = "auto") -> LoadedModel:
     if missing or unexpected:
         raise ValueError(f"{ckpt}: weights do not fit model {cfg.model.name!r} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()
+    if cfg.model.channels_last:
+        channels_last(model)  # faster inference; weights were saved contiguous
     return LoadedModel(model, cfg, classes, ckpt, weights, int(state["step"]))
 
 
