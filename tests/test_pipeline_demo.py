@@ -56,7 +56,23 @@ def test_demo_at_reduced_size(tmp_path):
         assert 0 <= mode["map_c"] <= 100 and 0 <= mode["map_o"] <= 100
     assert {"spearman_vs_truth", "spearman_counts_vs_truth", "spearman_negative_model_vs_truth"} <= set(res["prior"])
     assert res["seconds"] > 0
+    errors = res["prior"]["ignore_errors"]
+    assert len(errors["most_overestimated"]) == 5 and "error_vs_annotation_skew" in errors
     report = (out / "report.md").read_text()
-    assert "Findings" in report
+    assert "Findings" in report and "Where the Ignore prior errs" in report
     for png in ("map_per_mode.png", "prior_vs_truth.png", "training_curves.png"):
         assert (out / png).stat().st_size > 1000, png
+
+
+def test_prior_errors_follow_the_annotation_skew():
+    import numpy as np
+
+    from trainer.demo import _prior_errors
+
+    truth = np.array([0.5, 0.2, 0.1, 0.05])
+    pos, neg = np.array([50.0, 60.0, 40.0, 30.0]), np.array([50.0, 40.0, 60.0, 70.0])  # shares .5 .6 .4 .3
+    est = truth * (pos / (pos + neg) / truth) ** 0.5  # pulled halfway (in logs) towards the annotated share
+    e = _prior_errors(est, truth, pos, neg, ["a", "b", "c", "d"], k=2)
+    assert e["error_vs_annotation_skew"] == 1.0
+    assert [x["class"] for x in e["most_overestimated"]] == ["d", "c"]
+    assert e["most_overestimated"][0]["annotated_positive_share"] == 0.3

@@ -115,6 +115,36 @@ def _figures(out: str, results: dict[str, Any], truth: np.ndarray, counts: np.nd
     return made
 
 
+def _prior_errors(est: np.ndarray, truth: np.ndarray, pos: np.ndarray, neg: np.ndarray, names: list[str],
+                  k: int = 5) -> dict[str, Any]:
+    """Where the Ignore prior errs, and whether the annotations explain it.
+
+    An Ignore model learns P(positive | annotated): for a class whose annotations are mostly
+    positives (share pos / (pos + neg) far above its true frequency), it is pulled up wherever
+    it is unsure. The correlation between the estimate's error (estimate / truth) and that skew
+    (share / truth) says how much of the error the annotation process accounts for.
+    """
+    share = pos / np.maximum(pos + neg, 1)
+    ok = (truth > 0) & (est > 0) & (share > 0)
+    err, skew = np.log(est[ok] / truth[ok]), np.log(share[ok] / truth[ok])
+    top = [int(i) for i in np.argsort(-(est / np.maximum(truth, 1e-9)))[:k]]
+    return {"error_vs_annotation_skew": round(spearman(err, skew), 4) if ok.sum() > 2 else None,
+            "most_overestimated": [{"class": names[i], "truth": round(float(truth[i]), 4),
+                                    "estimate": round(float(est[i]), 4),
+                                    "annotated_positive_share": round(float(share[i]), 4)} for i in top]}
+
+
+def _prior_error_lines(errors: dict[str, Any] | None) -> list[str]:
+    if not errors:
+        return []
+    worst = ", ".join(f"{e['class']} {e['truth']:.3f} -> {e['estimate']:.3f} ({e['annotated_positive_share']:.0%} of "
+                      f"its annotations positive)" for e in errors["most_overestimated"])
+    skew = errors["error_vs_annotation_skew"]
+    return [f"   Where the Ignore prior errs: estimate / truth against the annotations' positive skew "
+            f"(positive share / truth), Spearman {skew if skew is None else f'{skew:.3f}'}. "
+            f"Most overestimated (truth -> estimate): {worst}."]
+
+
 def _report(results: dict[str, Any], figures: list[str]) -> str:
     m, p, d, c = results["modes"], results["prior"], results["data"], results["config"]
     best_base = max(m["ignore"]["map_c"], m["negative"]["map_c"])
@@ -135,6 +165,7 @@ def _report(results: dict[str, Any], figures: list[str]) -> str:
         "## Findings (paper 1), as measured here", "",
         f"1. Prior estimate, Spearman against the true class frequency: {estimators} -> "
         f"{'holds' if ignore_best else 'does NOT hold'} (Ignore >= 0.8, above the counts and the Negative model).",
+        *_prior_error_lines(p.get("ignore_errors")),
         f"2. Selective vs the better of Ignore and Negative (mAP(C)): {m['selective']['map_c']:.2f} vs {best_base:.2f} "
         f"-> {'holds' if m['selective']['map_c'] >= best_base else 'does NOT hold'}.", "",
         f"Total time: {results['seconds']:.0f} s.", "",
@@ -195,7 +226,10 @@ def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image
         "prior": {"spearman_vs_truth": round(spearman(est["ignore"], truth), 4),
                   "spearman_counts_vs_truth": round(spearman(counts, truth), 4),
                   "spearman_negative_model_vs_truth": round(spearman(est["negative"], truth), 4),
-                  **_running_mean(cfgs["ignore"], manifest, truth)},
+                  **_running_mean(cfgs["ignore"], manifest, truth),
+                  "ignore_errors": _prior_errors(est["ignore"], truth, np.asarray(manifest.stats["train"].pos, float),
+                                                 np.asarray(manifest.stats["train"].neg, float),
+                                                 [c.name for c in manifest.classes])},
         "weights": "EMA" if key else "model",
         "data": {"train": manifest.split("train").samples, "val": manifest.split("val").samples,
                  "classes": manifest.num_classes, "image_size": image_size, "scheme": "openimages"},
