@@ -5,7 +5,7 @@ shared-memory segment: allocate, copy, pass a file descriptor over a socket, map
 consumer, fault its pages in, unmap it later; once per tensor per batch. On the 2-core build
 machine (9 OpenImages photos, batches of 32 at 224 px, 2 workers) that made the stream spend
 1.5-1.8x the CPU time of the same decoding without a hand-off, and `bench/data_throughput.py`
-put the stream at 0.76 of the decode ceiling; with these slots, at about 1.0. It also needs
+put the stream at 0.76 of the decode ceiling; with these slots, at 0.92-1.02. It also needs
 /dev/shm, which containers cap at 64 MB unless told otherwise.
 
 How. Before the workers fork, the main process maps one anonymous shared region (not a
