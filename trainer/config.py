@@ -148,6 +148,7 @@ class ClusterConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(1, ge=-1, description="-1: retry forever (Ray's convention)")
+    tune_malloc: bool = Field(True, description="glibc workers keep freed memory for reuse (see loop.tune_malloc)")
 
 
 class DeepSpeedConfig(_Section):
