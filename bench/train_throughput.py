@@ -5,7 +5,7 @@
 What runs, all on one synthetic dataset built once in a temp folder (4,000 train / 200 val
 images at 64 px, 250 samples per shard) and the `synthetic-cpu` preset (small-cnn, loss `csl`
 with the preset's parameters and no prior, Adam at the preset's LR with OneCycle, EMA 0.99,
-fp32, ZeRO-0, channels_last):
+fp32, ZeRO-2):
 
 * ``csl``: `csl train` as a user runs it (a subprocess that starts its own local Ray), with
   `cluster.workers=2 data.workers=0 data.batch_size=32`: two Ray Train workers of one CPU each,
@@ -40,8 +40,8 @@ Per core. The csl run uses 2 workers x 1 torch thread on the machine's 2 cores (
 OMP_NUM_THREADS to the worker's CPU count, 1; measured: one busy compute thread per worker),
 so its per-core rate is its global rate / 2. The plain loop with 1 thread uses 1 core. The bar
 compares these two: csl per core >= 0.8 x plain(1 thread) per core. It charges csl for Ray's
-and DeepSpeed's per-step work (the gradient all-reduce over gloo and the wait for the slower
-rank, DeepSpeed's step, the Ray actor's threads) and for the Ray processes (GCS, raylet, controller) sharing the two cores.
+and DeepSpeed's per-step work (ZeRO-2 reduce-scatter and all-gather over gloo, the Ray
+actor's threads) and for the Ray processes (GCS, raylet, controller) sharing the two cores.
 Plain with 2 threads is shown for reading: intra-op threading of a small CNN at batch 32
 does not scale linearly, which is why data parallelism with 1 thread per worker is the
 configuration to beat.

@@ -28,11 +28,6 @@ Design notes:
   weights, not the fp32 masters (reading masters would cost a collective per tensor).
   Decay is constant (the reference's choice) unless ``train.ema_warmup_steps`` > 0, then
   ``decay * (1 - exp(-updates / ema_warmup_steps))`` as in YOLOv5/timm-style warm-up.
-- Gradient averaging at ZeRO-0 in fp32 is ours (``grad_reduce.py``: bucketed all-reduces
-  launched from gradient hooks while backward runs, DDP's scheme); DeepSpeed's own runs only
-  after backward, with flatten/unflatten copies even at one rank. Its
-  ``enable_backward_allreduce`` switch turns it off. Other stages and precisions keep
-  DeepSpeed's reduction: their optimizers own the gradient buffers.
 - No host syncs per step: the LR is a Python float the scheduler already holds; the EMA
   decay is computed from a host-side counter.
 - Checkpoints are DeepSpeed's sharded format in a *local* folder (``save_checkpoint`` is
@@ -55,7 +50,6 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import Config, ConfigError
-from trainer.grad_reduce import OverlappedGradReducer
 from trainer.models import channels_last, param_groups
 
 if TYPE_CHECKING:
@@ -258,23 +252,15 @@ def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: in
                  cfg.deepspeed.zero_stage, cfg.train.precision)
     if ema is not None:
         ema.to(ds_engine.device, torch.channels_last if nhwc else None)
-    reducer = None
-    if cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32":
-        # Ours overlaps backward (module doc); made after the layout change, whose strides it takes.
-        ds_engine.enable_backward_allreduce = False
-        if world_size > 1:
-            reducer = OverlappedGradReducer(list(ds_engine.module.parameters()))
-    return Engine(ds_engine, ema, reducer)
+    return Engine(ds_engine, ema)
 
 
 class Engine:
     """The loop's view of DeepSpeed: one object per rank."""
 
-    def __init__(self, ds_engine: DeepSpeedEngine, ema: ModelEMA | None = None,
-                 reducer: OverlappedGradReducer | None = None) -> None:
+    def __init__(self, ds_engine: DeepSpeedEngine, ema: ModelEMA | None = None) -> None:
         self._ds = ds_engine
         self.ema = ema
-        self._reducer = reducer
         self.zero_stage = ds_engine.zero_optimization_stage()
         self.dtype = next(ds_engine.module.parameters()).dtype  # what forward casts inputs to
         self.device = ds_engine.device
@@ -311,12 +297,7 @@ class Engine:
     __call__ = forward
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self._reducer is None:
-            self._ds.backward(loss)  # divides by grad_accum itself
-            return
-        self._reducer.arm(self._ds.is_gradient_accumulation_boundary())
-        self._ds.backward(loss)
-        self._reducer.finish()
+        self._ds.backward(loss)  # divides by grad_accum itself
 
     def step(self) -> bool:
         """DeepSpeed step (optimizer + scheduler + zero_grad at accumulation boundaries).
