@@ -106,6 +106,18 @@ def test_a_few_steps_decrease_the_loss(stage: int, precision: str) -> None:
     assert all(v.is_contiguous() for v in engine.consolidated_state_dict().values())
 
 
+def test_alone_zero0_skips_deepspeeds_allreduce_and_trains_the_same() -> None:
+    cfg = _cfg("train.grad_accum=2", "train.ema_decay=0")
+    ours = _engine(cfg)
+    assert ours._ds.enable_backward_allreduce is False
+    theirs = _engine(cfg)
+    theirs._ds.enable_backward_allreduce = True  # DeepSpeed's flatten / all-reduce / copy back
+    for engine in (ours, theirs):
+        _train(engine, _batches(6))
+    for (name, a), b in zip(ours.module.named_parameters(), theirs.module.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_onecycle_lr_and_grad_accumulation() -> None:
     engine = _engine(_cfg("train.grad_accum=2", "optim.pct_start=0.25"), total_steps=9)
     assert engine.lr == pytest.approx(1e-2 / 25)  # OneCycle starts at max_lr / div_factor

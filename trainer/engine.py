@@ -252,6 +252,10 @@ def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: in
                  cfg.deepspeed.zero_stage, cfg.train.precision)
     if ema is not None:
         ema.to(ds_engine.device, torch.channels_last if nhwc else None)
+    if world_size == 1 and cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32":
+        # Alone, DeepSpeed still flattens, "all-reduces" and copies back every gradient after
+        # backward: about 3 ms of a 65 ms backward for small-cnn at batch 32 (scratch timing).
+        ds_engine.enable_backward_allreduce = False
     return Engine(ds_engine, ema)
 
 
