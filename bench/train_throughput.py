@@ -5,7 +5,7 @@
 What runs, all on one synthetic dataset built once in a temp folder (4,000 train / 200 val
 images at 64 px, 250 samples per shard) and the `synthetic-cpu` preset (small-cnn, loss `csl`
 with the preset's parameters and no prior, Adam at the preset's LR with OneCycle, EMA 0.99,
-fp32, ZeRO-2):
+fp32, ZeRO-0, channels_last):
 
 * ``csl``: `csl train` as a user runs it (a subprocess that starts its own local Ray), with
   `cluster.workers=2 data.workers=0 data.batch_size=32`: two Ray Train workers of one CPU each,
@@ -18,6 +18,10 @@ fp32, ZeRO-2):
   transforms. Run with 1 torch thread and with 2, and as two 1-thread copies at once (both
   cores busy, as under csl: what two processes sharing the machine's caches and memory cost
   each other, which is not Ray's or DeepSpeed's overhead).
+* ``plain, tune_malloc``: the 1-thread plain loop with the glibc settings csl's workers use
+  (`cluster.tune_malloc`, see `trainer.loop.tune_malloc`), for reading: how much of csl's
+  rate is the allocator, which a plain loop could have too. The bar stays on the plain loop
+  as written, with the default allocator.
 * ``plain-wds``: the plain loop reading with `webdataset.WebDataset` + PIL decode + numpy
   flip/normalise instead of `ShardStream`: a reference for the data path, not for the bar.
 
@@ -40,8 +44,8 @@ Per core. The csl run uses 2 workers x 1 torch thread on the machine's 2 cores (
 OMP_NUM_THREADS to the worker's CPU count, 1; measured: one busy compute thread per worker),
 so its per-core rate is its global rate / 2. The plain loop with 1 thread uses 1 core. The bar
 compares these two: csl per core >= 0.8 x plain(1 thread) per core. It charges csl for Ray's
-and DeepSpeed's per-step work (ZeRO-2 reduce-scatter and all-gather over gloo, the Ray
-actor's threads) and for the Ray processes (GCS, raylet, controller) sharing the two cores.
+and DeepSpeed's per-step work (the gradient all-reduce over gloo and the wait for the slower
+rank, DeepSpeed's step, the Ray actor's threads) and for the Ray processes (GCS, raylet, controller) sharing the two cores.
 Plain with 2 threads is shown for reading: intra-op threading of a small CNN at batch 32
 does not scale linearly, which is why data parallelism with 1 thread per worker is the
 configuration to beat.
@@ -94,6 +98,7 @@ WINDOW = 5  # steps per rate window (= train.log_every of the throughput runs)
 WARMUP = 0.2  # fraction of steps skipped as warm-up
 RESUME_EVERY = 20
 RAY_WORKER_NICENESS = 15  # Ray's default for its worker processes
+MALLOC_NAME = "plain loop, 1 thread, tune_malloc"
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) \|")
 
 
@@ -243,10 +248,14 @@ def _wds_batches(data: str, epoch: int, image_size: int, num_classes: int):
             imgs, tgts = [], []
 
 
-def plain_worker(data: str, steps: int, threads: int, reader: str) -> dict[str, Any]:
+def plain_worker(data: str, steps: int, threads: int, reader: str, malloc: bool = False) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
+    if malloc:  # the allocator settings csl's workers use (cluster.tune_malloc)
+        from trainer.loop import tune_malloc
+
+        assert tune_malloc(), "mallopt failed"
     from data_shards.storage import read_manifest
     from data_shards.stream import ShardStream
     from trainer.config import load_config
@@ -300,11 +309,12 @@ def plain_worker(data: str, steps: int, threads: int, reader: str) -> dict[str, 
             "threads": torch.get_num_threads(), "loss": float(loss_sum) / steps}
 
 
-def plain_throughput(data: str, steps: int, threads: int, reader: str, copies: int = 1) -> tuple[float, float]:
+def plain_throughput(data: str, steps: int, threads: int, reader: str, copies: int = 1,
+                     malloc: bool = False) -> tuple[float, float]:
     """(samples/s, samples per CPU-s) of the plain loop; `copies` > 1 runs that many identical
     loops at once, one per core, and returns the sum of their rates and the mean per CPU-s."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--plain-worker", json.dumps({"data": data, "steps": steps, "threads": threads, "reader": reader})]
+    cmd = [sys.executable, __file__, "--plain-worker", json.dumps({"data": data, "steps": steps, "threads": threads, "reader": reader, "malloc": malloc})]
     # Ray runs its workers at niceness 15 (raylet's worker_niceness): the plain loop gets the same
     # priority, so a busy neighbour at niceness 0 takes the same share from both.
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
@@ -378,7 +388,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.plain_worker:
         kw = json.loads(a.plain_worker)
-        print(json.dumps(plain_worker(kw["data"], kw["steps"], kw["threads"], kw["reader"])))
+        print(json.dumps(plain_worker(kw["data"], kw["steps"], kw["threads"], kw["reader"], kw.get("malloc", False))))
         return 0
     if a.resume_steps % RESUME_EVERY or a.resume_steps < 3 * RESUME_EVERY:
         ap.error(f"--resume-steps must be a multiple of {RESUME_EVERY} and >= {3 * RESUME_EVERY}")
@@ -402,6 +412,7 @@ def main() -> int:
             ("plain loop, 1 thread", lambda r: plain_throughput(data, a.steps, 1, "stream"), 1),
             ("plain loop, 2 threads", lambda r: plain_throughput(data, a.steps, 2, "stream"), 2),
             ("plain loop x 2 at once, 1 thread each", lambda r: plain_throughput(data, a.steps, 1, "stream", copies=2), 2),
+            (MALLOC_NAME, lambda r: plain_throughput(data, a.steps, 1, "stream", malloc=True), 1),
         ]
         if not a.no_wds:
             contenders.append(("plain loop + webdataset, 1 thread", lambda r: plain_throughput(data, a.steps, 1, "wds"), 1))
@@ -456,8 +467,9 @@ def main() -> int:
     print(f"  for reading: csl per core / plain(2 threads) per core = {(med[csl_name] / 2) / (med[p2] / 2):.2f}")
     pair = contenders[3][0]
     print(f"  for reading: csl per core / plain(x 2 at once) per core = {(med[csl_name] / 2) / (med[pair] / 2):.2f}")
+    print(f"  for reading: csl per core / plain(1 thread, csl's malloc settings) = {(med[csl_name] / 2) / med[MALLOC_NAME]:.2f}")
     if not a.no_wds:
-        wds_name = contenders[4][0]
+        wds_name = contenders[-1][0]
         print(f"  for reading: plain ShardStream / plain webdataset (1 thread) = {med[p1_name] / med[wds_name]:.2f}")
     print(f"start to first step: {start_s:.1f} s ({start_group:.1f} s after the worker group started)")
     e, l_ = statistics.median(x for x, _ in lat["early"]), statistics.median(x for x, _ in lat["late"])
