@@ -286,11 +286,11 @@ def test_real_photos_decode(openimages_dir, tmp_path):
 
 def test_resume_reads_only_from_the_current_window(ds, monkeypatch):
     """Resume cost: shards wholly before the resume point are never opened."""
-    import data_shards.shard_reader as stream_mod
+    import data_shards.shard_reader as reader_mod
 
     opened: list[str] = []
-    real = stream_mod.open_file
-    monkeypatch.setattr(stream_mod, "open_file", lambda url, mode="rb": (opened.append(url), real(url, mode))[1])
+    real = reader_mod.open_file
+    monkeypatch.setattr(reader_mod, "open_file", lambda url, mode="rb": (opened.append(url), real(url, mode))[1])
     kw = dict(batch_size=2, image_size=8, seed=4, shuffle_buffer=4)
     full = list(ShardStream(ds, "train", **kw))
     assert len(opened) == 6
