@@ -149,6 +149,8 @@ class ClusterConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(1, ge=-1, description="-1: retry forever (Ray's convention)")
     tune_malloc: bool = Field(True, description="glibc workers keep freed memory for reuse (see loop.tune_malloc)")
+    shm_allreduce: bool = Field(True, description="CPU ranks on one machine average gradients through /dev/shm "
+                                "(ZeRO-0 fp32; see trainer/shm_allreduce.py)")
 
 
 class DeepSpeedConfig(_Section):

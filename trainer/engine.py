@@ -51,6 +51,7 @@ from torch import nn
 
 from trainer.config import Config, ConfigError
 from trainer.models import channels_last, param_groups
+from trainer.shm_allreduce import ShmAllReduce
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -253,19 +254,28 @@ def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: in
                  cfg.deepspeed.zero_stage, cfg.train.precision)
     if ema is not None:
         ema.to(ds_engine.device, torch.channels_last if nhwc else None)
+    reducer = None
     if world_size == 1 and params_our_own:
         # Alone, DeepSpeed still flattens, "all-reduces" and copies back every gradient after
         # backward: about 3 ms of a 65 ms backward for small-cnn at batch 32 (scratch timing).
         ds_engine.enable_backward_allreduce = False
-    return Engine(ds_engine, ema)
+    elif params_our_own and cfg.cluster.shm_allreduce and ds_engine.device.type == "cpu":
+        # CPU ranks sharing a machine average through /dev/shm instead of gloo's TCP loopback
+        # (see trainer/shm_allreduce.py); None where they do not share one.
+        reducer = ShmAllReduce.create(list(ds_engine.module.parameters()))
+        if reducer is not None:
+            ds_engine.enable_backward_allreduce = False
+    return Engine(ds_engine, ema, reducer)
 
 
 class Engine:
     """The loop's view of DeepSpeed: one object per rank."""
 
-    def __init__(self, ds_engine: DeepSpeedEngine, ema: ModelEMA | None = None) -> None:
+    def __init__(self, ds_engine: DeepSpeedEngine, ema: ModelEMA | None = None,
+                 reducer: ShmAllReduce | None = None) -> None:
         self._ds = ds_engine
         self.ema = ema
+        self.reducer = reducer  # set: it averages gradients, DeepSpeed's all-reduce is off
         self.zero_stage = ds_engine.zero_optimization_stage()
         self.dtype = next(ds_engine.module.parameters()).dtype  # what forward casts inputs to
         self.device = ds_engine.device
@@ -303,6 +313,8 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self._ds.backward(loss)  # divides by grad_accum itself
+        if self.reducer is not None and self._ds.is_gradient_accumulation_boundary():
+            self.reducer.average_()  # where DeepSpeed's backward would have all-reduced
 
     def step(self) -> bool:
         """DeepSpeed step (optimizer + scheduler + zero_grad at accumulation boundaries).
