@@ -9,7 +9,8 @@ fp32, ZeRO-0, channels_last):
 
 * ``csl``: `csl train` as a user runs it (a subprocess that starts its own local Ray), with
   `cluster.workers=2 data.workers=0 data.batch_size=32`: two Ray Train workers of one CPU each,
-  DeepSpeed on gloo, reading through `ShardStream` in the worker process. Its rate is
+  DeepSpeed on gloo with gradients averaged through /dev/shm (`cluster.shm_allreduce`, the
+  default), reading through `ShardStream` in the worker process. Its rate is
   `samples_per_s` of `metrics.jsonl` (global: all ranks), one record every 5 steps.
 * ``plain``: one process, no Ray, no DeepSpeed, no process group: the same model
   (`build_model`, made channels_last as the engine makes it at ZeRO-0 fp32), loss
@@ -44,8 +45,8 @@ Per core. The csl run uses 2 workers x 1 torch thread on the machine's 2 cores (
 OMP_NUM_THREADS to the worker's CPU count, 1; measured: one busy compute thread per worker),
 so its per-core rate is its global rate / 2. The plain loop with 1 thread uses 1 core. The bar
 compares these two: csl per core >= 0.8 x plain(1 thread) per core. It charges csl for Ray's
-and DeepSpeed's per-step work (the gradient all-reduce over gloo and the wait for the slower
-rank, DeepSpeed's step, the Ray actor's threads) and for the Ray processes (GCS, raylet,
+and DeepSpeed's per-step work (the gradient average, its two gloo barriers and the wait for the
+slower rank, DeepSpeed's step, the Ray actor's threads) and for the Ray processes (GCS, raylet,
 controller) sharing the two cores.
 Plain with 2 threads is shown for reading: intra-op threading of a small CNN at batch 32
 does not scale linearly, which is why data parallelism with 1 thread per worker is the

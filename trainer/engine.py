@@ -12,6 +12,8 @@ Design notes:
   is on because SGD is not on DeepSpeed's list; ZeRO only shards its state.
 - The process group comes from Ray Train (gloo on CPU, NCCL on GPU); ``ensure_process_group``
   only creates a single-process gloo group when there is none (unit tests, a bare script).
+  At ZeRO-0 fp32, CPU ranks sharing a machine average gradients through /dev/shm
+  (``trainer/shm_allreduce.py``) in place of DeepSpeed's gloo all-reduce.
 - What DeepSpeed 0.19.8 does on the CPU accelerator (measured here, gloo, 1 and 2 ranks):
   ZeRO 0, 1, 2 and 3 train; bf16 works for every stage once buffers are cast too
   (``data_types.buffer_dtype``: 0.19 casts only parameters, and BatchNorm refuses bf16
