@@ -53,11 +53,18 @@ class _Net(nn.Module):
         return y.sum() + (self.spare.sum() if rank == 0 else 0.0)
 
 
-def _average_worker(rank: int, world: int, port: int, out: str, shm_dir: str) -> None:
+def _average_worker(rank: int, world: int, port: int, out: str, shm_dir: str, full: bool = False) -> None:
+    import errno
+
     import torch.distributed as dist
 
     from trainer.shm_allreduce import ShmAllReduce
 
+    if full:  # a /dev/shm without room for the table, as in a container's 64 MB default
+        def no_room(fd: int, offset: int, length: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        os.posix_fallocate = no_room
     _init(rank, world, port)
     torch.manual_seed(0)
     net = _Net().to(memory_format=torch.channels_last)
@@ -105,6 +112,15 @@ def test_ranks_that_cannot_share_the_file_keep_the_process_group(tmp_path) -> No
     _spawn(_average_worker, 2, str(tmp_path), str(tmp_path / "no-such-dir"))
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [g["enabled"] for g in got] == [False, False]
+
+
+def test_no_room_for_the_table_keeps_the_process_group_and_leaves_nothing(tmp_path) -> None:
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    _spawn(_average_worker, 2, str(tmp_path), str(shm_dir), True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [g["enabled"] for g in got] == [False, False]
+    assert list(shm_dir.iterdir()) == []
 
 
 def _engine_worker(rank: int, world: int, port: int, out: str) -> None:

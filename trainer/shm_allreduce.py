@@ -106,13 +106,17 @@ class ShmAllReduce:
             path = os.path.join(shm_dir, f"csl-allreduce-{os.getpid()}-{secrets.token_hex(8)}")
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as e:
+                reason, path = f"cannot create a file in {shm_dir}: {e}", None
+            else:
                 try:
                     os.posix_fallocate(fd, 0, nbytes)
+                except OSError as e:
+                    reason = f"cannot reserve {nbytes / 2**20:.1f} MiB in {shm_dir}: {e}"
+                    os.unlink(path)
+                    path = None
                 finally:
                     os.close(fd)
-            except OSError as e:
-                reason = f"cannot reserve {nbytes / 2**20:.1f} MiB in {shm_dir}: {e}"
-                path = None
         box = [path]
         dist.broadcast_object_list(box, src=0)
         path = box[0]
@@ -127,10 +131,11 @@ class ShmAllReduce:
         if rank == 0 and path is not None:
             os.unlink(path)  # the mappings live on; nothing is left behind
         if not ok.item():
-            if rank == 0:
-                log.info("shared-memory gradient averaging off, using the process group: %s",
-                         reason or "not every rank could map the shared file (ranks on different machines, "
-                                   "their own /dev/shm, or parameters not fp32 on CPU)")
+            if rank == 0 and reason:  # a /dev/shm too small (a container's 64 MB default): fixable
+                log.warning("gradients are averaged over the process group instead of shared memory: %s", reason)
+            elif rank == 0:  # expected when the ranks are on different machines
+                log.info("gradients are averaged over the process group: not every rank could map %s (ranks on "
+                         "different machines or with their own /dev/shm, or parameters not fp32 on CPU)", shm_dir)
             return None
         assert table is not None
         return cls(params, table, rank, world)
