@@ -35,13 +35,19 @@ their own /dev/shm.
 Rows are laid out in each parameter's memory order (channels_last weights included), so
 the copies in and out are plain memcpys when a gradient has its parameter's strides.
 
-Measured (scratch, not committed; 2 processes at niceness 15 running the benchmark's plain
-loop with an all-reduce after backward, small-cnn, batch 32, 150 steps, interleaved):
-gloo 613.5 / 626.7 / 595.9 samples/s, this file's method 655.0 / 624.8, DeepSpeed's own shm
-kernel (``deepspeed.comm.inference_all_reduce``) 672.2 / 651.8 / 645.5. DeepSpeed's kernel
-was not taken: it spin-waits for its peers (the core a Ray process then cannot get), maps
-66 MiB of /dev/shm per rank whatever the model size, and never unlinks it (132 MiB left
-in /dev/shm by every 2-rank run).
+Measured (scratch scripts, not committed; small-cnn, batch 32, 150 steps, interleaved):
+
+- 2 processes at niceness 15 running the benchmark's plain loop plus an average after
+  backward: this method 655.0 / 624.8 samples/s, DeepSpeed's own shm kernel
+  (``deepspeed.comm.inference_all_reduce``) 649.2 / 643.5, gloo 549.5 / 627.0; in a second
+  run, DeepSpeed's kernel 672.2 / 651.8 / 645.5 against gloo 613.5 / 626.7 / 595.9.
+- `csl train` under Ray (the benchmark's `csl_throughput`, 4 rounds): median 509.1 samples/s
+  with ``cluster.shm_allreduce=true``, 484.0 with false; runs 534.7 / 519.7 / 479.8 / 498.4
+  against 464.6 / 532.6 / 455.4 / 503.3 (this machine drifts by 10% over minutes).
+
+DeepSpeed's kernel was not taken: it spin-waits for its peers (burning the core a Ray
+process could have had), maps 66 MiB of /dev/shm per rank whatever the model size, and never
+unlinks it (132 MiB left in /dev/shm by every 2-rank run).
 """
 
 from __future__ import annotations
