@@ -87,14 +87,13 @@ class ShmAllReduce:
         self.rank, self.world = rank, world
         self.table = table  # [world + 1, n]: one row per rank, the average in the last
         n = table.shape[1]
-        self.offsets, off = [], 0
+        offsets = [0]
         for p in self.params:
-            self.offsets.append(off)
-            off += p.numel()
+            offsets.append(offsets[-1] + p.numel())
         bounds = [n * r // world for r in range(world + 1)]
         self.block = slice(bounds[rank], bounds[rank + 1])
-        self.in_views = [_row_view(table[rank], o, p) for o, p in zip(self.offsets, self.params)]
-        self.out_views = [_row_view(table[world], o, p) for o, p in zip(self.offsets, self.params)]
+        self.in_views = [_row_view(table[rank], o, p) for o, p in zip(offsets, self.params)]
+        self.out_views = [_row_view(table[world], o, p) for o, p in zip(offsets, self.params)]
 
     @classmethod
     def create(cls, params: Sequence[torch.nn.Parameter], shm_dir: str = SHM_DIR) -> ShmAllReduce | None:
