@@ -84,7 +84,7 @@ class ShmAllReduce:
 
     def __init__(self, params: Sequence[torch.nn.Parameter], table: torch.Tensor, rank: int, world: int) -> None:
         self.params = list(params)
-        self.rank, self.world = rank, world
+        self.world = world
         self.table = table  # [world + 1, n]: one row per rank, the average in the last
         n = table.shape[1]
         offsets = [0]
