@@ -140,12 +140,27 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
         )
 
 
+# What a local cluster started by `ensure_ray` leaves off; each is an environment default, so
+# a user's own setting wins. A Ray Train job on 2 cores spends ~12% of one on Ray's own
+# processes (GCS, raylet, dashboard, log monitor, six Train actors), which the training ranks
+# pay for; these four cut an idle 2-worker Train job's CPU from 15.2 / 13.9% of a core to
+# 12.7 / 11.7% (two interleaved pairs of scratch measurements, /proc/stat over 20 s).
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one machine: no spot nodes to be preempted
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # Train's Prometheus metrics: nothing scrapes a local cluster
+    "RAY_enable_metrics_collection": "0",  # the same for Ray core's metrics agent
+    "RAY_event_stats": "0",  # per-handler event-loop statistics, a debugging aid
+}
+
+
 def ensure_ray() -> bool:
     """Join the cluster at RAY_ADDRESS, else start a local one; True if this call started Ray.
 
     The local cluster keeps Ray's dashboard process (on 127.0.0.1): Ray Train's placement
     group cleaner polls the state API it serves, and without it warns every second and
-    cannot clean up after a crashed controller.
+    cannot clean up after a crashed controller. It leaves off what only a multi-node or
+    monitored cluster uses (`LOCAL_RAY_ENV`, set in this process's environment, which Ray's
+    processes and the Train controller inherit). A cluster at RAY_ADDRESS is the operator's.
     """
     import ray
 
@@ -154,6 +169,8 @@ def ensure_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
         ray.init(log_to_driver=True, dashboard_host="127.0.0.1")
     return True
 
