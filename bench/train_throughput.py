@@ -47,7 +47,8 @@ so its per-core rate is its global rate / 2. The plain loop with 1 thread uses 1
 compares these two: csl per core >= 0.8 x plain(1 thread) per core. It charges csl for Ray's
 and DeepSpeed's per-step work (the gradient average, its two gloo barriers and the wait for the
 slower rank, DeepSpeed's step, the Ray actor's threads) and for the Ray processes (GCS, raylet,
-controller) sharing the two cores.
+dashboard, log monitor, Train's controller and helper actors; the local cluster `csl` starts,
+with `trainer.launch.LOCAL_RAY_ENV`) sharing the two cores.
 Plain with 2 threads is shown for reading: intra-op threading of a small CNN at batch 32
 does not scale linearly, which is why data parallelism with 1 thread per worker is the
 configuration to beat.
