@@ -141,10 +141,11 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
 
 
 # What a local cluster started by `ensure_ray` leaves off; each is an environment default, so
-# a user's own setting wins. A Ray Train job on 2 cores spends ~12% of one on Ray's own
-# processes (GCS, raylet, dashboard, log monitor, six Train actors), which the training ranks
-# pay for; these four cut an idle 2-worker Train job's CPU from 15.2 / 13.9% of a core to
-# 12.7 / 11.7% (two interleaved pairs of scratch measurements, /proc/stat over 20 s).
+# a user's own setting wins. On 2 cores, Ray's own processes (GCS, raylet, dashboard, log
+# monitor, six Train actors) take 13-14% of one core from the training ranks. Scratch, 2026-11-22,
+# interleaved: during the benchmark's csl run these four take them from 14.2 / 13.2 / 14.0% to
+# 11.0 / 11.6 / 11.7% of a core (per-process /proc CPU over 100 steps), and an idle 2-worker
+# Train job from 15.2 / 13.9% to 12.7 / 11.7% (/proc/stat over 20 s).
 LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one machine: no spot nodes to be preempted
     "RAY_TRAIN_METRICS_ENABLED": "0",  # Train's Prometheus metrics: nothing scrapes a local cluster
