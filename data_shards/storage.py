@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from typing import IO, Any
 
@@ -38,7 +39,22 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "remove",
+    "redact",
 ]
+
+
+# scheme://user:secret@host -> scheme://host; ?X-Amz-Signature=...&... (a signed URL) -> ?<redacted>
+_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@'\"]*@")
+_QUERY_RE = re.compile(r"(?P<url>[A-Za-z][A-Za-z0-9+.\-]*://[^\s?#'\"]*)[?#][^\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """`text` with the user info and the query string of every URL in it removed.
+
+    Credentials ride in URLs as `user:password@` or as a signed query string; neither may reach
+    a manifest, a report, a log line or an error message. The path is kept: it says where.
+    """
+    return _QUERY_RE.sub(r"\g<url>?<redacted>", _USERINFO_RE.sub(r"\g<scheme>", text))
 
 
 def is_remote(url: str) -> bool:
