@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -137,3 +139,138 @@ def test_round_trip_through_s3(s3_bucket: str) -> None:
     url = f"{s3_bucket}/runs/exp/config.yaml"
     cfg.save_resolved(url)
     assert load_config(url, []) == cfg
+
+
+# ---------------------------------------------------------------------------------------
+# hostile values: a run folder outside run.storage, loose types, bounds the workers need
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "..", ".", "a\\b", "a\x00b", "a\nb", "a\x1bb", "x" * 256, ""])
+def test_run_name_is_one_safe_folder_name(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"config key 'run\.name'") as e:
+        load_config("synthetic-cpu", [f"run.name={name}"])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["exp-1", "a.b_c", "..a", "x" * 255, "2024"])
+def test_ordinary_run_names_pass(name: str) -> None:
+    assert load_config("synthetic-cpu", [f"run.name={name}"]).run.name == name
+
+
+def test_run_name_is_checked_on_assignment() -> None:
+    cfg = load_config("synthetic-cpu", [])
+    with pytest.raises(ValueError, match="run.name|folder name"):
+        cfg.run.name = "../x"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.epochs=true", "expected int, got True"),
+    ("cluster.workers=1.5", "expected int, got 1.5"),
+    ("cluster.workers=2.0", "expected int, got 2.0"),
+    ("loss.likelihood_topk=false", "expected int, got False"),
+    ("model.channels_last=1", "expected bool, got 1"),
+    ("cluster.tune_malloc=0", "expected bool, got 0"),
+    ("optim.lr=true", "expected float, got True"),
+    ("loss.gamma_neg=yes", "expected float, got True"),
+    ("optim.lr=.inf", "expected a finite number, got inf"),
+    ("loss.gamma_pos=.nan", "expected a finite number, got nan"),
+])
+def test_types_are_strict(override: str, expected: str) -> None:
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"config key '{key}': {expected} \[override '{override}'\]"):
+        load_config("synthetic-cpu", [override])
+
+
+def test_a_quoted_number_in_a_file_is_not_an_int(tmp_path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text('train:\n  epochs: "3"\n')
+    with pytest.raises(ConfigError, match=r"config key 'train\.epochs': expected int, got '3' \[file "):
+        load_config(str(path), [])
+
+
+def test_floats_take_ints_and_yaml_exponents() -> None:
+    cfg = load_config("synthetic-cpu", ["optim.lr=1", "loss.gamma_neg=2", "cluster.cpus_per_worker=2"])
+    assert cfg.optim.lr == 1.0 and cfg.loss.gamma_neg == 2.0 and cfg.cluster.cpus_per_worker == 2.0
+    assert load_config("synthetic-cpu", ["optim.lr=5e-4"]).optim.lr == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("override", [
+    "data.shuffle_buffer=0",          # ShardStream: shuffle_buffer >= 1
+    "data.workers=-1",                # DataLoader num_workers >= 0
+    "data.batch_size=0",
+    "train.seed=-1",                  # ShardStream: seed >= 0
+    "train.seed=4294967296",          # np.random.seed: < 2**32
+    "cluster.cpus_per_worker=0",      # Ray resources_per_worker, units of 1e-4
+    "cluster.cpus_per_worker=0.00001",
+    "cluster.gpus_per_worker=0.00001",
+    "cluster.gpus_per_worker=-1",
+    "cluster.max_failures=-2",        # Ray FailureConfig: -1 (forever) or >= 0
+    "checkpoint.keep=0",              # Ray CheckpointConfig.num_to_keep >= 1
+    "train.ema_decay=1",              # ModelEMA: [0, 1)
+    "optim.weight_decay=-0.1",
+])
+def test_bounds_the_consumers_need(override: str) -> None:
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(override.partition('=')[0])}'"):
+        load_config("synthetic-cpu", [override])
+
+
+def test_edge_values_that_consumers_take() -> None:
+    cfg = load_config("synthetic-cpu", ["data.shuffle_buffer=1", "train.seed=4294967295", "cluster.gpus_per_worker=0.5",
+                                        "cluster.max_failures=-1", "data.workers=0"])
+    assert (cfg.data.shuffle_buffer, cfg.train.seed, cfg.cluster.gpus_per_worker) == (1, 2**32 - 1, 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(available_presets()))
+def test_every_available_preset_loads_and_round_trips(name: str) -> None:
+    cfg = load_config(name, [])
+    assert Config.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_cli_refuses_a_run_name_outside_storage(tmp_path, monkeypatch, capsys) -> None:
+    from trainer.cli import main
+
+    storage = tmp_path / "store" / "runs"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "synthetic-cpu", f"run.storage={storage}", "run.name=../x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "run.name" in err and "../x" in err
+    assert not (tmp_path / "store" / "x").exists() and not storage.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# launch.check_inputs: what needs the data or another component, before Ray starts
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    from data_shards.sources.synthetic import build_synthetic
+
+    root = str(tmp_path_factory.mktemp("data") / "tiny")
+    build_synthetic(root, train=12, val=6, image_size=16, shard_samples=6, seed=0, progress=False)
+    return root
+
+
+def test_check_inputs_passes_a_good_config(tiny_data: str) -> None:
+    from trainer.launch import check_inputs
+
+    check_inputs(load_config("synthetic-cpu", [f"data.root={tiny_data}", "data.batch_size=2"]))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["cluster.workers=7"], r"split 'val'.*cluster\.workers=7"),                       # a rank with no val sample
+    (["data.batch_size=2", "train.grad_accum=4"], r"fewer than train\.grad_accum=4"),   # 3 batches per rank
+    (["model.name=resnet5"], r"config key 'model\.name': unknown model 'resnet5'"),
+    (["model.pretrained=/nonexistent/w.safetensors"], r"model\.pretrained.*not found"),
+    (["loss.name=pseudo", "train.ema_decay=0"], r"train\.ema_decay > 0"),
+    (["loss.gamma_neg=-1"], r"gamma_neg"),                                                # the loss's own range
+])
+def test_check_inputs_refuses_what_a_worker_would(tiny_data: str, overrides: list[str], match: str) -> None:
+    from trainer.launch import check_inputs
+
+    cfg = load_config("synthetic-cpu", [f"data.root={tiny_data}", *overrides])
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        check_inputs(cfg)

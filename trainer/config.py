@@ -16,6 +16,16 @@ Design notes:
   file, or override), so the CLI can print one line and exit 2.
 - Remote paths (``data.root``, ``run.storage``, ``model.pretrained``, ``prior.path``) stay
   ``str``: a ``pathlib.Path`` would collapse ``s3://`` into ``s3:/``.
+- Types are strict where YAML makes them ambiguous: ``train.epochs=true`` or ``epochs: "3"``
+  is an error, not 1 or 3 (``StrictInt``, ``StrictBool``). A float takes an int or a number
+  string (PyYAML reads ``1e-3`` as a str, YAML 1.1 wants a dot) but never a bool, and no
+  float may be inf or nan. A str takes a number (``run.name=2024``).
+- Every bound is the one its consumer needs (a comment names the consumer where it is not
+  plain), so a bad value fails here, before Ray starts, not inside a worker;
+  ``launch.check_inputs`` adds the bounds that depend on the data (batches per rank) and on
+  other components (model names, loss parameters).
+- ``run.name`` is one folder name under ``run.storage``: ``run.name=../x`` cannot write
+  outside it.
 - Loss parameters are typed but optional: ``None`` means "not set, use the loss's own
   default", so one tree serves every loss of the zoo; ``loss.params()`` hands only the set
   ones to ``trainer.losses.build_loss``, which rejects parameters its loss does not take.
@@ -24,11 +34,14 @@ Design notes:
 from __future__ import annotations
 
 import importlib.resources
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
+                      ValidationError)
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "CheckpointConfig",
@@ -52,17 +65,51 @@ class ConfigError(ValueError):
     """A bad preset name, config file, key or value; the message names the key."""
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+# Lax float (ints and number strings such as PyYAML's `1e-3`), less bools.
+_Float = Annotated[float, BeforeValidator(_not_bool)]
+
+_NAME_MAX = 255  # bytes in one path component (NAME_MAX on Linux and macOS); the pattern is ASCII
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _folder_name(name: str) -> str:
+    if len(name) > _NAME_MAX or name in (".", "..") or not _NAME.fullmatch(name):
+        raise PydanticCustomError(
+            "folder_name", "must be one folder name of letters, digits, '.', '_' and '-' (not '.' or '..', "
+            "at most {max} characters)", {"max": _NAME_MAX})
+    return name
+
+
+def _ray_quantity(value: float) -> float:
+    # Ray counts resources in units of 1e-4 and refuses a non-zero request below one unit.
+    if 0 < value < 1e-4:
+        raise PydanticCustomError("ray_quantity", "must be 0 or at least 0.0001 (Ray's resource unit)")
+    return value
+
+
 class _Section(BaseModel):
     # coerce_numbers_to_str: `run.name=2024` parses as an int in YAML but is clearly a name.
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=True)
+    # allow_inf_nan: no setting has a meaning for inf or nan, and a bound such as `lr > 0`
+    # lets inf through (and nan where a field has no bound).
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class DataConfig(_Section):
     root: str = "runs/data/synthetic"
-    batch_size: int = Field(32, ge=1, description="samples per worker per micro-step")
-    image_size: int = Field(64, ge=8)
-    workers: int = Field(2, ge=0, description="DataLoader worker processes per training worker")
-    shuffle_buffer: int = Field(1000, ge=0, description="samples held for streaming shuffle")
+    # ShardStream (data_shards/stream.py) needs batch_size, shuffle_buffer, image_size >= 1 (the
+    # 8 px floor here is stricter) and workers >= 0; launch.check_inputs checks that every rank
+    # gets the same number of batches of each split.
+    batch_size: StrictInt = Field(32, ge=1, description="samples per worker per micro-step")
+    image_size: StrictInt = Field(64, ge=8)
+    workers: StrictInt = Field(2, ge=0, description="DataLoader worker processes per training worker")
+    shuffle_buffer: StrictInt = Field(1000, ge=1, description="samples held for streaming shuffle")
     corrupt: Literal["skip", "fail"] = "skip"
     train_split: str = "train"
     val_split: str = "val"
@@ -72,20 +119,22 @@ class ModelConfig(_Section):
     name: str = "small-cnn"
     pretrained: str | None = Field(None, description="local path or fsspec URL of .safetensors/.pt weights")
     head: Literal["linear", "bottleneck"] = "linear"
-    bottleneck_dim: int = Field(2048, ge=1)
-    channels_last: bool = Field(True, description="NHWC weights and activations (faster convolutions on CPU and GPU)")
+    bottleneck_dim: StrictInt = Field(2048, ge=1)  # nn.Linear width (models.make_head)
+    channels_last: StrictBool = Field(True, description="NHWC weights and activations (faster convolutions on CPU and GPU)")
 
 
 class LossConfig(_Section):
     name: str = "csl"
-    gamma_pos: float | None = None
-    gamma_neg: float | None = None
-    gamma_unann: float | None = None
-    clip: float | None = None
-    likelihood_topk: int | None = None
-    prior_threshold: float | None = None
+    # Ranges are the loss's own (trainer/losses check_float/check_int), checked by
+    # launch.check_inputs building the loss; here only the types.
+    gamma_pos: _Float | None = None
+    gamma_neg: _Float | None = None
+    gamma_unann: _Float | None = None
+    clip: _Float | None = None
+    likelihood_topk: StrictInt | None = None
+    prior_threshold: _Float | None = None
     topk_scope: str | None = None
-    prior_alpha: float | None = None
+    prior_alpha: _Float | None = None
     reduction: str | None = None
     extra: dict[str, Any] = Field(default_factory=dict, description="parameters of losses not typed above")
 
@@ -114,47 +163,52 @@ class PriorConfig(_Section):
 
 class OptimConfig(_Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0, description="applied to weights only, not biases and norms")
-    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    # torch.optim needs lr, weight_decay, momentum >= 0 (lr 0 would train nothing); OneCycleLR
+    # pct_start in [0, 1]; DeepSpeed's gradient_clipping >= 0.
+    lr: _Float = Field(2e-3, gt=0)
+    weight_decay: _Float = Field(1e-4, ge=0, description="applied to weights only, not biases and norms")
+    momentum: _Float = Field(0.9, ge=0, lt=1, description="sgd only")
     schedule: Literal["onecycle", "constant"] = "onecycle"
-    pct_start: float = Field(0.2, gt=0, lt=1)
-    grad_clip: float = Field(0.0, ge=0, description="max global grad norm; 0 turns clipping off")
+    pct_start: _Float = Field(0.2, gt=0, lt=1)
+    grad_clip: _Float = Field(0.0, ge=0, description="max global grad norm; 0 turns clipping off")
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(3, ge=1)
-    seed: int = 0
-    ema_decay: float = Field(0.99, ge=0, lt=1, description="0 turns the EMA model off")
-    ema_warmup_steps: int = Field(0, ge=0, description="decay * (1 - exp(-step / this)); 0: constant decay")
+    epochs: StrictInt = Field(3, ge=1)
+    # ShardStream needs seed >= 0; loop.run_training hands it to np.random.seed, < 2**32.
+    seed: StrictInt = Field(0, ge=0, lt=2**32)
+    ema_decay: _Float = Field(0.99, ge=0, lt=1, description="0 turns the EMA model off")  # engine.ModelEMA
+    ema_warmup_steps: StrictInt = Field(0, ge=0, description="decay * (1 - exp(-step / this)); 0: constant decay")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke runs)")
-    log_every: int = Field(10, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    max_steps: StrictInt | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke runs)")
+    log_every: StrictInt = Field(10, ge=1)  # step % log_every
+    grad_accum: StrictInt = Field(1, ge=1)  # DeepSpeed gradient_accumulation_steps
 
 
 class CheckpointConfig(_Section):
-    every_steps: int = Field(50, ge=0, description="0: only at the end of each epoch")
-    keep: int = Field(2, ge=1)
+    every_steps: StrictInt = Field(50, ge=0, description="0: only at the end of each epoch")
+    keep: StrictInt = Field(2, ge=1)  # Ray's CheckpointConfig.num_to_keep >= 1
 
 
 class RunConfig(_Section):
-    name: str = "synthetic-cpu"
+    # The run folder is {storage}/{name} (launch.run_dir_of): one folder name, never a path.
+    name: Annotated[str, AfterValidator(_folder_name)] = "synthetic-cpu"
     storage: str = Field("runs", description="a folder or an fsspec URL such as s3://bucket/prefix")
 
 
 class ClusterConfig(_Section):
-    workers: int = Field(2, ge=1)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    max_failures: int = Field(1, ge=-1, description="-1: retry forever (Ray's convention)")
-    tune_malloc: bool = Field(True, description="glibc workers keep freed memory for reuse (see loop.tune_malloc)")
-    shm_allreduce: bool = Field(True, description="CPU ranks on one machine average gradients through /dev/shm "
+    # Ray's ScalingConfig: at least one worker, resources_per_worker in units of 1e-4.
+    workers: StrictInt = Field(2, ge=1)
+    gpus_per_worker: Annotated[_Float, AfterValidator(_ray_quantity)] = Field(0.0, ge=0)
+    cpus_per_worker: _Float = Field(1.0, ge=1e-4)
+    max_failures: StrictInt = Field(1, ge=-1, description="-1: retry forever (Ray's convention)")
+    tune_malloc: StrictBool = Field(True, description="glibc workers keep freed memory for reuse (see loop.tune_malloc)")
+    shm_allreduce: StrictBool = Field(True, description="CPU ranks on one machine average gradients through /dev/shm "
                                 "(ZeRO-0 fp32; see trainer/shm_allreduce.py)")
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: int = Field(0, ge=0, le=3)
+    zero_stage: StrictInt = Field(0, ge=0, le=3)
 
 
 class Config(_Section):
@@ -252,6 +306,7 @@ _EXPECTED = {
     "float_type": "float",
     "bool_parsing": "bool",
     "bool_type": "bool",
+    "finite_number": "a finite number",
     "string_type": "str",
     "dict_type": "a mapping",
     "model_type": "a mapping",

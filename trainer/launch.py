@@ -21,9 +21,10 @@ import os
 import time
 from typing import Any
 
-from data_shards.storage import get_fs, is_remote, join, read_manifest
+from data_shards.partition import num_batches
+from data_shards.storage import exists, get_fs, is_remote, join, read_manifest, redact
 
-from .config import Config
+from .config import Config, ConfigError
 from .loop import MODEL_FILE, STATE_FILE
 
 __all__ = ["run_dir_of", "latest_checkpoint", "launch", "resolve_checkpoint", "check_inputs", "check_resumable",
@@ -73,10 +74,35 @@ def _storage_for_ray(run_storage: str) -> tuple[str, Any]:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Fail fast, before any worker starts, on a missing data root or prior file."""
+    """Fail fast, before any worker starts, on what the config alone cannot know.
+
+    The data root, its splits and the prior file exist; every rank gets the same number of
+    batches of each split (the stream's plan) and an epoch at least one optimizer step; the
+    model is known and its weights file exists; the loss takes its parameters and has what it
+    needs (a prior, the EMA model).
+    """
     manifest = read_manifest(cfg.data.root)  # names the path when missing
+    workers, batch_size, accum = cfg.cluster.workers, cfg.data.batch_size, cfg.train.grad_accum
+    root = redact(cfg.data.root)
     for split in (cfg.data.train_split, cfg.data.val_split):
-        manifest.split(split)
+        samples = sum(s.samples for s in manifest.split(split).shards)
+        try:
+            batches = num_batches(samples, workers, batch_size)
+        except ValueError as e:
+            raise ValueError(f"split {split!r} of {root} with cluster.workers={workers} and "
+                             f"data.batch_size={batch_size}: {e}") from None
+        if split == cfg.data.train_split and batches < accum:
+            raise ValueError(f"split {split!r} of {root} gives {batches} batches per rank and epoch, fewer "
+                             f"than train.grad_accum={accum}: one epoch would make no optimizer step")
+    from .models import MODELS
+
+    if cfg.model.name not in MODELS and not cfg.model.name.startswith("timm:"):
+        raise ConfigError(f"config key 'model.name': unknown model {cfg.model.name!r} "
+                          f"(known: {', '.join(MODELS)}, or timm:<name>)")
+    if cfg.model.pretrained and not exists(cfg.model.pretrained):
+        raise FileNotFoundError(f"model.pretrained {redact(cfg.model.pretrained)!r}: file not found")
+    if cfg.loss.name == "pseudo" and cfg.train.ema_decay == 0:
+        raise ConfigError("loss 'pseudo' takes its pseudo-labels from the EMA model: set train.ema_decay > 0")
     from .losses import build_loss
 
     if cfg.prior.path:
