@@ -154,29 +154,33 @@ def inspect(root: str, as_json: bool, top: int, threads: int) -> None:
         click.echo(f"  {'class':<32} {'pos':>8} {'neg':>8}")
         for t in s["top"]:
             click.echo(f"  {t['name'][:32]:<32} {t['pos']:>8} {t['neg']:>8}")
-        if s["problems"]:
-            click.echo(f"  {len(s['problems'])} unreadable samples or shards (run `csl shards verify`)")
+        if s["problem_count"]:
+            click.echo(f"  {s['problem_count']} unreadable samples or shards (run `csl shards verify`)")
 
 
 @shards_app.command("verify")
 @click.argument("root")
 @click.option("--json", "as_json", is_flag=True, help='print {"ok": bool, "problems": [...]}')
 @click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1))
-def verify(root: str, as_json: bool, threads: int) -> None:
-    """Check every shard (count, size, sha256) and every sample (decodes, valid labels). Exit 1 on problems."""
-    from .inspect import verify_dataset
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8),
+              help="decode images as training does at this size (JPEG draft mode)")
+def verify(root: str, as_json: bool, threads: int, image_size: int) -> None:
+    """Check every shard (count, size, sha256) and every sample (decodes, valid labels), reading as training
+    reads. Exit 1 on problems."""
+    from .inspect import MAX_PROBLEMS, verify_dataset
     from .storage import read_manifest
 
     m = read_manifest(root)
     with _bar(root, sum(len(s.shards) for s in m.splits.values()), "verify") as bar:
-        res = verify_dataset(root, threads=threads, progress=bar.update)
+        res = verify_dataset(root, threads=threads, progress=bar.update, image_size=image_size)
     if as_json:
-        click.echo(json.dumps({"ok": res["ok"], "samples": res["samples"], "problems": res["problems"]}))
+        click.echo(json.dumps(res))
     elif res["ok"]:
         click.echo(f"ok: {root}: {res['samples']} samples in {sum(len(s.shards) for s in m.splits.values())} shards verified")
     else:
-        click.echo(f"{len(res['problems'])} problems in {root}:")
-        for p in res["problems"]:
+        click.echo(f"{res['problem_count']} problems in {root}"
+                   + (f" (the first {MAX_PROBLEMS} listed)" if res["problem_count"] > MAX_PROBLEMS else "") + ":")
+        for p in res["problems"]:  # control characters from tar names are already escaped
             click.echo(f"  {p['shard']}  {p['key']}  {p['what']}")
     if not res["ok"]:
         sys.exit(1)

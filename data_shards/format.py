@@ -17,12 +17,13 @@ In memory the paper's encoding is used: 1 positive, -1 annotated negative, 0 un-
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 __all__ = [
     "FORMAT",
@@ -43,7 +44,12 @@ __all__ = [
     "encode_labels",
     "decode_labels",
     "parse_manifest",
+    "parse_json",
+    "check_shard_path",
+    "printable",
     "targets_from_sparse",
+    "MAX_LABEL_BYTES",
+    "MAX_MANIFEST_BYTES",
 ]
 
 FORMAT = "csl-shards"
@@ -52,6 +58,11 @@ MANIFEST_NAME = "dataset.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+# A label member lists class ids: 9,600 classes at 6 bytes each is under 64 kB.
+MAX_LABEL_BYTES = 1 << 20
+# 9,000 shards at ~150 bytes plus 2 x 9,600 counts and 9,600 class names: a few MB.
+MAX_MANIFEST_BYTES = 256 << 20
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class LabelError(ValueError):
@@ -71,21 +82,43 @@ class ClassInfo(_Strict):
     name: str
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped (`\\x1b`): names read from tars reach terminals."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def check_shard_path(path: str) -> str:
+    """A shard path must name a file inside the root: relative, '/'-separated, normalised.
+
+    Readers join it to the root; `../x`, `/dev/zero` or `s3://other/x` would read outside it.
+    """
+    if (not path or path.startswith("/") or "\\" in path or ":" in path or _CONTROL_RE.search(path)
+            or posixpath.normpath(path) != path or path.split("/", 1)[0] == ".."):
+        raise ValueError(f"shard path {path!r} must be relative to the dataset root, normalised, '/'-separated, "
+                         "and stay inside it")
+    return path
+
+
 class ShardInfo(_Strict):
     path: str = Field(description="relative to the dataset root, '/'-separated")
-    samples: int = Field(ge=0)
-    bytes: int = Field(ge=0)
+    samples: StrictInt = Field(ge=0)
+    bytes: StrictInt = Field(ge=0)
     sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _inside_root(cls, v: str) -> str:
+        return check_shard_path(v)
 
 
 class SplitInfo(_Strict):
-    samples: int = Field(ge=0)
+    samples: StrictInt = Field(ge=0)
     shards: list[ShardInfo]
 
 
 class SplitStats(_Strict):
-    pos: list[int]
-    neg: list[int]
+    pos: list[StrictInt]
+    neg: list[StrictInt]
 
 
 class SplitTruth(_Strict):
@@ -100,6 +133,18 @@ class Manifest(_Strict):
     stats: dict[str, SplitStats] = Field(default_factory=dict)
     truth: dict[str, SplitTruth] = Field(default_factory=dict)
     meta: dict[str, object] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _shards_listed_once(self) -> "Manifest":
+        # One file listed twice (in one split or two) would be read twice per epoch.
+        seen: dict[str, str] = {}
+        for name, info in self.splits.items():
+            for shard in info.shards:
+                if shard.path in seen:
+                    raise ValueError(f"shard {shard.path!r} is listed in split {seen[shard.path]!r} and again in "
+                                     f"split {name!r}; each shard belongs to one split, once")
+                seen[shard.path] = name
+        return self
 
     @property
     def num_classes(self) -> int:
@@ -116,12 +161,29 @@ class Manifest(_Strict):
         return self.model_dump_json(indent=1)
 
 
+def parse_json(data: str | bytes, where: str, what: str, error: type[ValueError], max_bytes: int) -> Any:
+    """`json.loads` for untrusted bytes: size, encoding and nesting guarded, errors name `where`.
+
+    json's parser recurses per nesting level (a document 100,000 levels deep raises
+    RecursionError) and refuses integers over 4,300 digits with a message naming nothing.
+    """
+    if len(data) > max_bytes:
+        raise error(f"{where}: {what} is {len(data)} bytes, over the {max_bytes}-byte limit")
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: {what} is not UTF-8 (byte {e.start}: {e.reason})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise error(f"{where}: {what} is nested too deeply to be valid") from None
+    except ValueError as e:  # JSONDecodeError, and the int-digit limit
+        raise error(f"{where}: {what} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
+
+
 def parse_manifest(text: str | bytes, where: str = MANIFEST_NAME) -> Manifest:
     """Parse and validate a manifest, naming the first bad field and the file."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{where}: not valid JSON ({e})") from None
+    raw = parse_json(text, where, "the manifest", ManifestError, MAX_MANIFEST_BYTES)
     if isinstance(raw, dict):
         if raw.get("format") not in (None, FORMAT):
             raise ManifestError(f"{where}: format {raw.get('format')!r} is not {FORMAT!r}")
@@ -134,7 +196,7 @@ def parse_manifest(text: str | bytes, where: str = MANIFEST_NAME) -> Manifest:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        raise ManifestError(f"{where}: field '{loc}': {err['msg']}") from None
+        raise ManifestError(f"{where}: field '{loc}': {err['msg']}"[:500]) from None
     c = m.num_classes
     for split, st in m.stats.items():
         if len(st.pos) != c or len(st.neg) != c:
@@ -212,10 +274,7 @@ def decode_labels(
     data: bytes, num_classes: int, where: str
 ) -> tuple[list[int], list[int], list[int] | None]:
     """Parse a `<key>.json` member and validate it. JSON only: nothing is ever unpickled."""
-    try:
-        obj = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LabelError(f"{where}: labels are not valid JSON ({e})") from None
+    obj = parse_json(data, where, "the labels member", LabelError, MAX_LABEL_BYTES)
     if not isinstance(obj, dict) or not isinstance(obj.get("pos"), list) or not isinstance(obj.get("neg"), list):
         raise LabelError(f"{where}: labels need lists 'pos' and 'neg'")
     true = obj.get("true")

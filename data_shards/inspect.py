@@ -1,13 +1,19 @@
 """`csl shards inspect` and `csl shards verify`: what is really in the shards.
 
 Both read the shards themselves, not just the manifest: a manifest can be right about a shard
-that was later truncated, replaced or edited. Each shard is streamed once through a hashing
-reader into `tarfile`'s streaming mode, so verification costs one sequential read per shard
-(S3 or local) and memory of one sample, never of one shard. Shards are processed by a thread
-pool: the work is I/O and zlib/PIL code that releases the GIL.
+that was later truncated, replaced or edited. They read with the training stream's own reader
+and sample rule (`shard_reader.iter_groups` and `sample_parts`: same grouping, duplicate rule,
+size caps, never unpickling), and verify decodes images with the stream's own `decode_image`
+(JPEG, PNG and WebP only, draft mode at the training size), so "ok" means training reads every
+listed sample. A shard's member count is compared with the manifest the way the stream plans:
+every member group is a sample position.
 
-Nothing is ever unpickled: only `.json` label members are parsed, image members are decoded by
-PIL (verify) or skipped (inspect), and every other member is ignored.
+Each shard is streamed once through a hashing reader, so verification costs one sequential
+read per shard (S3 or local) and memory of one sample; shards are processed by a thread pool
+(the work is I/O and zlib/PIL code that releases the GIL). Per-class counts are running totals
+per split, added as each shard finishes: memory does not grow with the number of shards.
+Problems are kept up to `MAX_PROBLEMS` (with the total count); names from the tars are
+printed with control characters escaped.
 """
 
 from __future__ import annotations
@@ -20,12 +26,16 @@ from dataclasses import dataclass, field
 from typing import IO, Callable, Iterator
 
 import numpy as np
-from PIL import Image
 
-from .format import IMAGE_EXTS, LabelError, Manifest, ShardInfo, decode_labels
-from .storage import join, open_file, read_manifest
+from .decode import ImageDecodeError, decode_image
+from .format import Manifest, ShardInfo, printable
+from .shard_reader import SampleError, ShardReadError, iter_groups, open_shard, sample_parts
+from .storage import join, read_manifest
 
-__all__ = ["ShardReport", "scan_shard", "inspect_dataset", "verify_dataset", "iter_tar_samples"]
+__all__ = ["ShardReport", "scan_shard", "inspect_dataset", "verify_dataset", "MAX_PROBLEMS"]
+
+MAX_PROBLEMS = 1000
+VERIFY_SIZE = 224  # decode size for verify: the presets' training size
 
 
 class _HashingReader(io.RawIOBase):
@@ -50,103 +60,120 @@ class _HashingReader(io.RawIOBase):
             pass
 
 
-def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive tar members by key (`<key>.<ext>`, split at the first dot)."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            if "." not in base:
-                continue
-            k, ext = base.split(".", 1)
-            if k != key and key is not None:
-                yield key, members
-                members = {}
-            key = k
-            f = tar.extractfile(info)
-            members[ext.lower()] = f.read() if f is not None else b""
-    if key is not None:
-        yield key, members
-
-
 @dataclass
 class ShardReport:
     shard: str
-    samples: int = 0
+    positions: int = 0  # member groups: what the stream plans over
+    samples: int = 0  # of them, usable
     bytes: int = 0
     sha256: str = ""
     pos: np.ndarray | None = None
     neg: np.ndarray | None = None
     problems: list[dict[str, str]] = field(default_factory=list)
+    missing: bool = False
 
     def problem(self, key: str, what: str) -> None:
-        self.problems.append({"shard": self.shard, "key": key, "what": what})
+        self.problems.append({"shard": printable(self.shard), "key": printable(key), "what": printable(what)})
 
 
-def scan_shard(root: str, info: ShardInfo, num_classes: int, decode_images: bool) -> ShardReport:
+def scan_shard(root: str, info: ShardInfo, num_classes: int, decode_size: int | None) -> ShardReport:
     """Read one shard end to end; never raises for bad content, records problems instead."""
     rep = ShardReport(shard=info.path, pos=np.zeros(num_classes, np.int64), neg=np.zeros(num_classes, np.int64))
     assert rep.pos is not None and rep.neg is not None
+    url = join(root, *info.path.split("/"))
     try:
-        with open_file(join(root, info.path)) as raw:
-            hr = _HashingReader(raw)
+        raw_file = open_shard(url, retries=3)
+    except ShardReadError as e:
+        rep.missing = "FileNotFoundError" in str(e)
+        rep.problem("-", "shard file missing" if rep.missing else str(e).split(": ", 1)[-1])
+        return rep
+    try:
+        with raw_file:
+            hr = _HashingReader(raw_file)
             reader = io.BufferedReader(hr, buffer_size=1 << 20)
             seen: set[str] = set()
             try:
-                for key, members in iter_tar_samples(reader):
-                    where = f"{info.path}:{key}"
+                for i, raw in iter_groups(reader):
+                    rep.positions = i + 1
+                    key = raw.key or f"#{i}"
                     if key in seen:
-                        rep.problem(key, "duplicate key")
+                        rep.problem(key, "key appears twice in the shard (read as two samples)")
                     seen.add(key)
-                    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-                    if "json" not in members:
-                        rep.problem(key, "no .json labels member")
-                        continue
-                    if image_ext is None:
-                        rep.problem(key, "no image member (.jpg/.png/.webp)")
-                        continue
                     try:
-                        pos, neg, _ = decode_labels(members["json"], num_classes, where)
-                    except LabelError as e:
+                        image, pos, neg = sample_parts(raw, num_classes, f"{info.path}:{key}")
+                        if decode_size:
+                            decode_image(image, decode_size)
+                    except SampleError as e:
                         rep.problem(key, str(e).split(": ", 1)[-1])
                         continue
-                    if decode_images:
-                        try:
-                            with Image.open(io.BytesIO(members[image_ext])) as im:
-                                im.convert("RGB").load()
-                        except Exception as e:  # PIL raises many types for bad bytes
-                            rep.problem(key, f"image does not decode ({type(e).__name__}: {str(e).split(' <')[0]})")
-                            continue
+                    except ImageDecodeError as e:
+                        rep.problem(key, f"image does not decode ({str(e).split(' <')[0]})")
+                        continue
                     rep.pos[pos] += 1
                     rep.neg[neg] += 1
                     rep.samples += 1
             except (tarfile.TarError, EOFError) as e:
-                rep.problem("-", f"corrupt or truncated tar after {rep.samples} samples ({e})")
+                rep.problem("-", f"corrupt or truncated tar after {rep.positions} samples ({e})")
             hr.drain()
             rep.bytes, rep.sha256 = hr.nbytes, hr.sha.hexdigest()
-    except FileNotFoundError:
-        rep.problem("-", "shard file missing")
     except OSError as e:
         rep.problem("-", f"cannot read shard ({e})")
     return rep
 
 
+@dataclass
+class _SplitTotals:
+    num_classes: int
+    shards: int = 0
+    positions: int = 0
+    samples: int = 0
+    bytes: int = 0
+    pos: np.ndarray = field(init=False)
+    neg: np.ndarray = field(init=False)
+    clean: bool = True
+
+    def __post_init__(self) -> None:
+        self.pos = np.zeros(self.num_classes, np.int64)
+        self.neg = np.zeros(self.num_classes, np.int64)
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.kept: list[dict[str, str]] = []
+        self.total = 0
+
+    def add(self, p: dict[str, str]) -> None:
+        self.total += 1
+        if len(self.kept) < MAX_PROBLEMS:
+            self.kept.append(p)
+
+
 def _scan_all(
-    root: str, manifest: Manifest, decode_images: bool, threads: int, progress: Callable[[int], None] | None
-) -> dict[str, list[ShardReport]]:
-    out: dict[str, list[ShardReport]] = {}
+    root: str, manifest: Manifest, decode_size: int | None, threads: int, progress: Callable[[int], None] | None
+) -> Iterator[tuple[str, ShardInfo, ShardReport]]:
+    """(split, shard, report) in manifest order; a report is dropped by the caller after use."""
     with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
         for split, info in manifest.splits.items():
-            reports = []
-            for rep in ex.map(lambda s: scan_shard(root, s, manifest.num_classes, decode_images), info.shards):
-                reports.append(rep)
+            reports = ex.map(lambda s: scan_shard(root, s, manifest.num_classes, decode_size), info.shards)
+            for shard, rep in zip(info.shards, reports):
                 if progress:
                     progress(1)
-            out[split] = reports
-    return out
+                yield split, shard, rep
+
+
+def _totals(manifest: Manifest) -> dict[str, _SplitTotals]:
+    return {split: _SplitTotals(manifest.num_classes) for split in manifest.splits}
+
+
+def _add(t: _SplitTotals, rep: ShardReport) -> None:
+    assert rep.pos is not None and rep.neg is not None
+    t.shards += 1
+    t.positions += rep.positions
+    t.samples += rep.samples
+    t.bytes += rep.bytes
+    t.pos += rep.pos
+    t.neg += rep.neg
+    t.clean = t.clean and not rep.problems
 
 
 def inspect_dataset(
@@ -154,54 +181,53 @@ def inspect_dataset(
 ) -> dict:
     """Per split: samples, shards, bytes, per-class pos/neg counts read from the shards."""
     manifest = read_manifest(root)
-    scans = _scan_all(root, manifest, decode_images=False, threads=threads, progress=progress)
+    totals, problems = _totals(manifest), {split: _Problems() for split in manifest.splits}
+    for split, _, rep in _scan_all(root, manifest, None, threads, progress):
+        _add(totals[split], rep)
+        for p in rep.problems:
+            problems[split].add(p)
     names = [c.name for c in manifest.classes]
     splits = {}
-    for split, reports in scans.items():
-        pos = np.sum([r.pos for r in reports], axis=0) if reports else np.zeros(manifest.num_classes, np.int64)
-        neg = np.sum([r.neg for r in reports], axis=0) if reports else np.zeros(manifest.num_classes, np.int64)
-        order = np.argsort(-(pos + neg), kind="stable")[:top]
+    for split, t in totals.items():
+        order = np.argsort(-(t.pos + t.neg), kind="stable")[:top]
         splits[split] = {
-            "samples": int(sum(r.samples for r in reports)),
-            "shards": len(reports),
-            "bytes": int(sum(r.bytes for r in reports)),
-            "pos": pos.astype(int).tolist(),
-            "neg": neg.astype(int).tolist(),
-            "top": [{"class": int(c), "name": names[c], "pos": int(pos[c]), "neg": int(neg[c])} for c in order],
-            "problems": [p for r in reports for p in r.problems],
+            "samples": t.samples,
+            "shards": t.shards,
+            "bytes": t.bytes,
+            "pos": t.pos.tolist(),
+            "neg": t.neg.tolist(),
+            "top": [{"class": int(c), "name": names[c], "pos": int(t.pos[c]), "neg": int(t.neg[c])} for c in order],
+            "problems": problems[split].kept,
+            "problem_count": problems[split].total,
         }
     return {"classes": manifest.num_classes, "splits": splits}
 
 
-def verify_dataset(root: str, threads: int = 4, progress: Callable[[int], None] | None = None) -> dict:
+def verify_dataset(
+    root: str, threads: int = 4, progress: Callable[[int], None] | None = None, image_size: int = VERIFY_SIZE
+) -> dict:
     """Check every shard against the manifest and every sample against the contract."""
     manifest = read_manifest(root)
-    scans = _scan_all(root, manifest, decode_images=True, threads=threads, progress=progress)
-    problems: list[dict[str, str]] = []
-    checked = 0
-    for split, reports in scans.items():
-        info = manifest.splits[split]
-        for shard, rep in zip(info.shards, reports):
-            problems.extend(rep.problems)
-            if any(p["what"] == "shard file missing" for p in rep.problems):
-                continue
+    totals, problems = _totals(manifest), _Problems()
+    for split, shard, rep in _scan_all(root, manifest, image_size, threads, progress):
+        if rep.sha256:  # read to the end
             if rep.bytes != shard.bytes:
                 rep.problem("-", f"size {rep.bytes} bytes, manifest says {shard.bytes}")
-                problems.append(rep.problems[-1])
             if rep.sha256 != shard.sha256:
                 rep.problem("-", "sha256 differs from the manifest")
-                problems.append(rep.problems[-1])
-            if rep.samples != shard.samples:
-                rep.problem("-", f"{rep.samples} valid samples, manifest says {shard.samples}")
-                problems.append(rep.problems[-1])
-            checked += rep.samples
-        total = sum(s.samples for s in info.shards)
-        if total != info.samples:
-            problems.append({"shard": "-", "key": "-", "what": f"split {split}: shards sum to {total}, manifest says {info.samples}"})
+        if not rep.missing and rep.positions != shard.samples:
+            rep.problem("-", f"holds {rep.positions} samples, manifest says {shard.samples}")
+        for p in rep.problems:
+            problems.add(p)
+        _add(totals[split], rep)
+    checked = 0
+    for split, t in totals.items():
+        info = manifest.splits[split]
+        checked += t.samples
+        listed = sum(s.samples for s in info.shards)
+        if listed != info.samples:
+            problems.add({"shard": "-", "key": "-", "what": f"split {split}: shards sum to {listed}, manifest says {info.samples}"})
         stats = manifest.stats.get(split)
-        if stats is not None and reports and not any(r.problems for r in reports):
-            pos = np.sum([r.pos for r in reports], axis=0)
-            neg = np.sum([r.neg for r in reports], axis=0)
-            if pos.tolist() != stats.pos or neg.tolist() != stats.neg:
-                problems.append({"shard": "-", "key": "-", "what": f"split {split}: per-class counts differ from stats"})
-    return {"ok": not problems, "samples": checked, "problems": problems}
+        if stats is not None and t.clean and (t.pos.tolist() != stats.pos or t.neg.tolist() != stats.neg):
+            problems.add({"shard": "-", "key": "-", "what": f"split {split}: per-class counts differ from stats"})
+    return {"ok": problems.total == 0, "samples": checked, "problems": problems.kept, "problem_count": problems.total}

@@ -40,11 +40,15 @@ raises `ResumeError` (the order would change); at an epoch boundary any change i
 
 Corrupt data. Policy "skip" (default) drops a sample whose image does not decode, whose labels
 are not valid JSON or break the contract, whose members are missing, or which a truncated tar
-lost; it is logged with shard and key and counted (`corrupt_samples`, summed across worker
-processes through a per-batch count). Its batch is one smaller; batch counts never change, and
-a batch with nothing left raises. Policy "fail" raises `CorruptSampleError` naming shard and
-key. A shard that cannot be opened at all raises `ShardReadError` under either policy: missing
-data is an infrastructure failure, not a bad sample to train around.
+lost (the rule is `shard_reader.sample_parts`, shared with verify and the prior pass); it is
+logged with shard and key and counted (`corrupt_samples`, summed across worker processes
+through a per-batch count). Its batch is one smaller; batch counts never change, and a batch
+with nothing left is yielded empty (zero rows), so every rank still takes the same number of
+steps and the epoch completes. A shard holding more samples than its manifest entry is logged
+(skip) or raises (fail): it means the manifest does not describe the shard. Policy "fail"
+raises `CorruptSampleError` naming shard and key. A shard that cannot be opened at all raises
+`ShardReadError` under either policy: missing data is an infrastructure failure, not a bad
+sample to train around.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .decode import ImageDecodeError, decode_image, flip_mask, normalize
-from .format import IMAGE_EXTS, LabelError, Manifest, decode_labels, targets_from_sparse
+from .format import Manifest, targets_from_sparse
 from .handoff import SlotPool
 from .partition import (
     WorkerPlan,
@@ -68,7 +72,7 @@ from .partition import (
     plan_worker_for,
     worker_plan,
 )
-from .shard_reader import RawSample, ShardReadError, iter_shard
+from .shard_reader import RawSample, SampleError, ShardReadError, iter_shard, sample_parts
 from .storage import join, read_manifest
 
 __all__ = [
@@ -149,9 +153,16 @@ class _ShardDataset(IterableDataset):
                 pos += n  # never opened: wholly before the resume point
                 continue
             skip = max(0, first - pos)
-            for idx, raw in iter_shard(self.cfg.urls[shard], lo + skip, hi, max_member_bytes=self.cfg.max_member_bytes):
+            at_end = self._extra_samples if hi == self.cfg.counts[shard] else None
+            for idx, raw in iter_shard(self.cfg.urls[shard], lo + skip, hi, max_member_bytes=self.cfg.max_member_bytes,
+                                       at_end=at_end):
                 yield pos + idx - lo, shard, idx, raw
             pos += n
+
+    def _extra_samples(self, message: str) -> None:
+        if self.cfg.corrupt == "fail":
+            raise CorruptSampleError(message)
+        log.warning("%s; only the listed samples are read", message)
 
     def _run(self, plan: WorkerPlan, consumed: int, epoch: int) -> Iterator[dict[str, Any]]:
         if consumed >= len(plan.batch_sizes):
@@ -193,17 +204,12 @@ class _ShardDataset(IterableDataset):
         for (shard, idx, raw), flip in zip(items, flips):
             where = f"shard {c.urls[shard]} sample {raw.key!r}" if raw.key else f"shard {c.urls[shard]} sample #{idx}"
             try:
-                if raw.error:
-                    raise CorruptSampleError(f"{where}: {raw.error}")
-                image = next((raw.members[e] for e in IMAGE_EXTS if e in raw.members), None)
-                if image is None or "json" not in raw.members:
-                    raise CorruptSampleError(f"{where}: needs an image member and a .json member")
-                p, n, _ = decode_labels(raw.members["json"], c.num_classes, where)
+                image, p, n = sample_parts(raw, c.num_classes, where)
                 try:
                     img = decode_image(image, c.image_size, flip=flip)
                 except ImageDecodeError as e:
                     raise CorruptSampleError(f"{where}: {e}") from None
-            except (CorruptSampleError, LabelError) as e:
+            except (CorruptSampleError, SampleError) as e:
                 if c.corrupt == "fail":
                     raise CorruptSampleError(str(e)) from None
                 if not raw.logged:
@@ -218,9 +224,8 @@ class _ShardDataset(IterableDataset):
             idxs.append(idx)
         if not keys:
             names = sorted({c.urls[s] for s, _, _ in items})
-            raise CorruptSampleError(
-                f"rank {c.rank} batch {batch_id}: all {len(items)} samples are corrupt (shards: {', '.join(names)})"
-            )
+            log.warning("rank %d batch %d: all %d samples are corrupt (shards: %s); the batch is empty",
+                        c.rank, batch_id, len(items), ", ".join(names))
         n = len(keys)
         out: dict[str, Any] = {
             "slot": slot,

@@ -3,16 +3,23 @@
 Guarantees, in the order a crash could break them:
 1. A shard is assembled in a local temporary file, hashed while it is written, and only then
    published under its final name (rename, or one upload): no half shard is ever visible.
-2. Re-running a conversion into the same root first removes the old `dataset.json`, so from
-   that moment the root reads as "incomplete", never as a mix of old and new shards.
-3. `dataset.json` is written last, once every shard is published; shard files the new manifest
-   does not list (left by an older, larger conversion) are removed after it.
+2. The root's manifest is never deleted and never lies. Split names are checked before
+   anything is written. Splits that are not being written stay listed throughout. A split that
+   is being rewritten is dropped from the manifest (by an atomic replace) just before its first
+   new shard overwrites an old one, so a failure, a `--strict` stop or a kill part-way leaves
+   every other split readable, and leaves the old split whole if no shard was published yet.
+3. The new `dataset.json` is published last, by one atomic replace (or one upload), once every
+   shard is published; a split with no samples is an error and publishes nothing. Shard files
+   the new manifest does not list (left by an older, larger conversion or by a kill) are
+   removed after it.
 
 Tars are written with the standard `tarfile` module with fixed metadata (mtime 0, uid 0), so
 the same records give byte-identical shards and the same sha256.
 
 Parallelism lives in the sources (decode, resize, draw, encode), through `parallel_map`; the
 writer is sequential I/O of bytes that are already encoded, which is not the bottleneck.
+`parallel_map`'s worker processes die with their parent (Linux `PR_SET_PDEATHSIG`): a killed
+conversion leaves no workers behind.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from .format import (
     IMAGE_EXTS,
     ClassInfo,
     Manifest,
+    ManifestError,
     Record,
     ShardInfo,
     SplitInfo,
@@ -43,9 +51,9 @@ from .format import (
     validate_key,
     validate_labels,
 )
-from .storage import get_fs, is_remote, join, publish_file, remove, write_manifest
+from .storage import exists, get_fs, is_remote, join, publish_file, read_manifest, remove, write_manifest
 
-__all__ = ["ShardWriter", "write_dataset", "parallel_map", "shard_name"]
+__all__ = ["EmptySplitError", "ShardWriter", "write_dataset", "parallel_map", "shard_name", "check_split_name"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d{6}\.tar$")
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+class EmptySplitError(ValueError):
+    """A split with no samples to write: nothing is published."""
+
+
+def check_split_name(split: str) -> str:
+    if not isinstance(split, str) or not _SPLIT_RE.match(split):
+        raise ValueError(f"split name {split!r}: use 1-64 letters, digits and '_' only")
+    return split
 
 
 def shard_name(split: str, index: int) -> str:
@@ -89,12 +108,13 @@ class ShardWriter:
         num_classes: int,
         max_samples: int = 1000,
         max_bytes: int = 1 << 30,
+        before_publish: Callable[[], None] | None = None,
     ):
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-        if not re.match(r"^[A-Za-z0-9_]+$", split):
-            raise ValueError(f"split name {split!r}: use letters, digits and '_' only")
+        check_split_name(split)
         self.root, self.split, self.num_classes = root, split, num_classes
+        self._before_publish = before_publish  # called once, before the first shard is published
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.shards: list[ShardInfo] = []
         self.pos_counts = np.zeros(num_classes, dtype=np.int64)
@@ -165,6 +185,9 @@ class ShardWriter:
         self._raw.close()
         os.chmod(self._tmp_path, 0o644)
         rel = shard_name(self.split, len(self.shards))
+        if self._before_publish is not None:
+            self._before_publish()
+            self._before_publish = None
         publish_file(self._tmp_path, join(self.root, rel))
         self.shards.append(
             ShardInfo(path=rel, samples=self._count, bytes=self._hash.nbytes, sha256=self._hash.sha.hexdigest())
@@ -224,17 +247,33 @@ def write_dataset(
     that know it analytically); without either, the split has no truth entry.
     `keep` (usually the root's previous manifest) carries its splits that are not written here
     into the new manifest, so one split can be converted at a time; its meta is the base that
-    `meta` updates.
+    `meta` updates. Without `keep`, the new manifest lists only the splits written here.
+    See the module docstring for what a failure or a kill leaves behind.
     """
+    for split in splits:
+        check_split_name(split)
     if keep is not None and [c.id for c in keep.classes] != [c.id for c in classes]:
         raise ValueError("write_dataset: the kept manifest's classes differ from the classes being written")
-    remove(join(root, "dataset.json"))
+    listed = keep if keep is not None else _current_manifest(root)
     num_classes = len(classes)
     infos: dict[str, SplitInfo] = {}
     stats: dict[str, SplitStats] = {}
     truths: dict[str, SplitTruth] = {}
+
+    def unlist(split: str) -> Callable[[], None]:
+        def drop() -> None:
+            nonlocal listed
+            if listed is not None and split in listed.splits:
+                listed = _without(listed, split)
+                if listed.splits:
+                    write_manifest(root, listed)
+                else:
+                    remove(join(root, "dataset.json"))
+                log.info("split %r unlisted from %s while it is rewritten", split, root)
+        return drop
+
     for split, records in splits.items():
-        w = ShardWriter(root, split, num_classes, shard_samples, max_bytes)
+        w = ShardWriter(root, split, num_classes, shard_samples, max_bytes, before_publish=unlist(split))
         try:
             for rec in records:
                 w.write(rec)
@@ -242,6 +281,9 @@ def write_dataset(
             w.abort()
             raise
         infos[split], stats[split], t = w.close()
+        if infos[split].samples == 0:
+            raise EmptySplitError(f"split {split!r}: no samples to write (every input row or image was skipped, or "
+                                  f"the input is empty); {join(root, 'dataset.json')} was left as it was")
         if truth and split in truth:
             t = SplitTruth(freq=list(truth[split]))
         if t is not None:
@@ -263,6 +305,39 @@ def write_dataset(
     return manifest
 
 
+def _current_manifest(root: str) -> Manifest | None:
+    """The manifest now at `root`, or None where there is none (or none that parses)."""
+    try:
+        if not exists(join(root, "dataset.json")):
+            return None
+        return read_manifest(root)
+    except (FileNotFoundError, ManifestError):
+        return None
+
+
+def _without(m: Manifest, split: str) -> Manifest:
+    return m.model_copy(update={
+        "splits": {k: v for k, v in m.splits.items() if k != split},
+        "stats": {k: v for k, v in m.stats.items() if k != split},
+        "truth": {k: v for k, v in m.truth.items() if k != split},
+    })
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a worker gets SIGKILL when the process that started it dies."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: workers still exit when the pool shuts down
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def parallel_map(
     fn: Callable[[T], R], items: Iterable[T], workers: int = 0, window: int | None = None
 ) -> Iterator[R]:
@@ -277,7 +352,8 @@ def parallel_map(
         return
     window = window or workers * 4
     pending: deque[Future[R]] = deque()
-    with ProcessPoolExecutor(max_workers=workers) as ex:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as ex:
         for item in items:
             pending.append(ex.submit(fn, item))
             if len(pending) >= window:

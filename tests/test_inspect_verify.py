@@ -66,7 +66,7 @@ def test_inspect_json_cli(dataset):
 def test_verify_ok(dataset):
     root, _, _ = dataset
     res = verify_dataset(root)
-    assert res == {"ok": True, "samples": 28, "problems": []}
+    assert res == {"ok": True, "samples": 28, "problems": [], "problem_count": 0}
     p = run_cli("shards", "verify", root, "--json")
     assert p.returncode == 0 and json.loads(p.stdout)["ok"] is True
 

@@ -191,8 +191,13 @@ def experiment(out, schemes, losses, seeds, train, val, image_size, epochs, over
 
 
 def _one_line(e: BaseException) -> str:
+    """The message on one line, with URL credentials removed (user info, signed query strings)
+    and control characters escaped: error texts quote URLs and names from input files."""
+    from data_shards.format import printable
+    from data_shards.storage import redact
+
     text = str(e).strip() or type(e).__name__
-    return " ".join(text.split())
+    return printable(redact(" ".join(text.split())))
 
 
 def main(argv: list[str] | None = None) -> None:

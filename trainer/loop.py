@@ -17,6 +17,11 @@ partial checkpoint is never resumed from. `report` is a barrier, so it is called
 steps on every rank (equal batch counts make that automatic).
 
 Host syncs: the loss is accumulated as a tensor and read once every `train.log_every` steps.
+
+Skipped samples (`data.corrupt=skip`): a batch can come out smaller, or empty when every sample
+in it was unreadable. An empty batch still goes through forward and backward (zero rows, zero
+loss, zero gradients), so every rank takes the same steps and the collectives stay matched;
+the skipped count, summed over ranks at log steps, is in `metrics.jsonl` and `eval.json`.
 """
 
 from __future__ import annotations
@@ -185,6 +190,16 @@ def _gather_map(acc, world_size: int) -> dict[str, float]:
     return {"map_c": float(res["map_c"]), "map_o": float(res["map_o"]), "num_valid": int(res["num_valid"])}
 
 
+def _skipped_total(stream, device: torch.device, world_size: int) -> int:
+    """Samples skipped as corrupt so far, summed over ranks (a collective: call at log steps)."""
+    n = torch.tensor([stream.corrupt_samples], dtype=torch.int64, device=device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(n)
+    return int(n.item())
+
+
 def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: Hooks) -> dict[str, Any]:
     from data_shards.stream import ShardStream
 
@@ -311,14 +326,15 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                 rate = samples_since * world_size / max(now - t_log, 1e-9)
                 rec = {"step": step, "time": round(time.time(), 3), "epoch": epoch, "epoch_progress": round((stream.state_dict()["batch"] or len(stream)) / len(stream), 4),
                        "loss": float(loss_sum.item()) / max(loss_count, 1), "lr": float(engine.lr),
-                       "samples_per_s": round(rate, 2)}
+                       "samples_per_s": round(rate, 2), "skipped_samples": _skipped_total(stream, device, world_size)}
                 loss_sum.zero_()
                 loss_count, samples_since, t_log = 0, 0, now
                 if log is not None:
                     log.write(rec)
                     eta = (total_steps - step) * (now - t_start) / max(step - start_step, 1)
+                    skipped = f" | {rec['skipped_samples']} corrupt samples skipped" if rec["skipped_samples"] else ""
                     print(f"step {step}/{total_steps} | epoch {epoch} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                          f"{rate:.0f} samples/s | ETA {eta / 60:.1f} min", flush=True)
+                          f"{rate:.0f} samples/s | ETA {eta / 60:.1f} min{skipped}", flush=True)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
                 checkpoint({"loss": None})
                 last_ckpt_step = step
@@ -326,9 +342,11 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                 done = True
                 break
         last_eval = _validate(engine, val_stream, world_size, device, dtype)
+        skipped = _skipped_total(stream, device, world_size)
         if log is not None:
             log.write({"step": step, "time": round(time.time(), 3), "epoch": epoch,
-                       **{f"val_{k}": v for k, v in last_eval.items()}})
+                       **{f"val_{k}": v for k, v in last_eval.items()}, "skipped_samples": skipped})
+        last_eval["skipped_samples"] = skipped
         if step > last_ckpt_step or done:
             checkpoint(last_eval)
             last_ckpt_step = step

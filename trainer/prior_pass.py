@@ -73,8 +73,7 @@ def shard_sums(model: Any, url: str, samples: int, *, image_size: int, num_class
     import torch
 
     from data_shards.decode import ImageDecodeError, decode_image, to_tensor
-    from data_shards.format import IMAGE_EXTS, LabelError, decode_labels
-    from data_shards.shard_reader import iter_shard
+    from data_shards.shard_reader import SampleError, iter_shard, sample_parts
 
     total = torch.zeros(num_classes, dtype=torch.float64, device=device)
     pos = np.zeros(num_classes, dtype=np.int64)
@@ -89,15 +88,11 @@ def shard_sums(model: Any, url: str, samples: int, *, image_size: int, num_class
         count += len(images)
         images.clear()
 
-    for _, raw in iter_shard(url, 0, samples):
-        image = next((raw.members[e] for e in IMAGE_EXTS if e in raw.members), None)
-        if raw.error or image is None or "json" not in raw.members:
-            corrupt += 1
-            continue
+    for i, raw in iter_shard(url, 0, samples):
         try:
-            p, _, _ = decode_labels(raw.members["json"], num_classes, f"shard {url} sample {raw.key!r}")
+            image, p, _ = sample_parts(raw, num_classes, f"shard {url} sample {raw.key or i!r}")
             images.append(decode_image(image, image_size))
-        except (LabelError, ImageDecodeError):
+        except (SampleError, ImageDecodeError):
             corrupt += 1
             continue
         pos[p] += 1
