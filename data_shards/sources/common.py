@@ -8,9 +8,22 @@ person who has to fix the data, prints a summary at the end, and in strict mode 
 first problem instead.
 
 Images are fetched and (optionally) resized in pool workers through `fetch_image`: it takes a
-plain tuple and returns a plain tuple so that it pickles cheaply and a missing file is a value,
-not an exception that would tear down the pool. Without a resize the original bytes are kept:
+plain tuple and returns a plain tuple so that it pickles cheaply and a failure is a value, not
+an exception that would tear down the pool. Whatever goes wrong with one image (not there, not
+an image, a decompression bomb, a host that does not answer) is a problem of that image,
+counted and skipped; one bad file among millions must not cost the whole conversion. A remote
+read gets a few tries with backoff first, since a dropped connection says nothing about the
+image (S3 is left to botocore's own retries). Without a resize the original bytes are kept:
 re-encoding a JPEG costs quality and CPU for nothing.
+
+Image locations come from the annotation files, which are input like any other: a `file_name`
+of `../../home/me/.ssh/id_rsa` or `/etc/shadow` must not pack a file from outside `--images`.
+`image_url` therefore accepts only relative, '/'-separated names without '..', ':' (a scheme, or
+fsspec's `::` chaining) or control characters, and raises `BadImageName` for the image.
+
+Credentials ride in URLs (`https://user:password@host/...`, signed `?X-Amz-Signature=` query
+strings). Every location that goes into a report, a manifest or an error message passes
+through `storage.redact` first.
 
 `merge_target` lets a converter write one split into a root that already holds others
 (`--split val` after `--split train`): the existing manifest's other splits are kept, and a
@@ -20,21 +33,33 @@ mean two things.
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
 import os
+import re
+import reprlib
+import time
+import zlib
 from dataclasses import dataclass, field
 from contextlib import closing
 from typing import Iterable, Iterator, Sequence
 
 from ..format import ClassInfo, LabelError, Manifest, ManifestError, Record, validate_key
-from ..storage import exists, is_remote, join, read_bytes, read_manifest
-from ..writer import parallel_map, write_dataset
+from ..storage import exists, get_fs, is_remote, join, read_bytes, read_manifest, redact
+from ..writer import EmptySplitError, parallel_map, write_dataset
 
 __all__ = [
     "ConversionError",
     "ConversionReport",
+    "BadImageName",
+    "short_repr",
+    "input_fault",
+    "check_images",
     "image_url",
     "fetch_image",
+    "read_image_bytes",
+    "decode_image",
     "load_image",
     "resize_short_edge",
     "merge_target",
@@ -45,9 +70,46 @@ __all__ = [
 
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
+# A remote image read: tries in all, and the first pause (doubled after each failure).
+FETCH_ATTEMPTS = 3
+FETCH_BACKOFF_S = 0.5
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+_short.maxlist = _short.maxdict = _short.maxtuple = 4
+_short.maxlevel = 2
+
+
+def short_repr(value: object) -> str:
+    """`repr` bounded in length and depth: for quoting a bad value of a huge input file."""
+    return _short.repr(value)
+
 
 class ConversionError(ValueError):
-    """A problem in the input found in strict mode; the message names file, line and what."""
+    """A problem in the input that stops the conversion (in strict mode, the first problem of
+    any kind); the message names file and line or image, and what."""
+
+
+class BadImageName(ValueError):
+    """An image's file name or id would point outside the images location (or is no name)."""
+
+
+def input_fault(e: BaseException) -> str | None:
+    """What is wrong with an input file's content, for an exception raised while reading it;
+    None when the exception is not about the content (a network failure, a missing file).
+
+    gzip raises EOFError on a truncated file (which click would turn into a bare "Aborted"),
+    bz2 a plain OSError; both mean a bad file, not a failed run.
+    """
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text ({e.reason} at byte 0x{e.object[e.start]:02x})"
+    if isinstance(e, (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)):
+        return f"truncated or corrupt compressed file ({type(e).__name__}: {e})"
+    if type(e) is OSError and e.errno is None and "data stream" in str(e):  # bz2
+        return f"truncated or corrupt compressed file ({e})"
+    return None
 
 
 @dataclass
@@ -69,13 +131,13 @@ class ConversionReport:
         self.counts[name] = self.counts.get(name, 0) + n
 
     def problem(self, kind: str, where: str, what: str) -> None:
-        """Record one problem; in strict mode raise it instead."""
+        """Record one problem; in strict mode raise it instead. URLs in it lose their credentials."""
         if self.strict:
-            raise ConversionError(f"{where}: {what} ({kind}; strict mode stops at the first problem)")
+            raise ConversionError(redact(f"{where}: {what} ({kind}; strict mode stops at the first problem)"))
         self.problem_counts[kind] = self.problem_counts.get(kind, 0) + 1
         ex = self.examples.setdefault(kind, [])
         if len(ex) < self.max_examples:
-            ex.append(f"{where}: {what}")
+            ex.append(redact(f"{where}: {what}"))
 
     @property
     def problems(self) -> int:
@@ -83,6 +145,14 @@ class ConversionReport:
 
     def get(self, name: str) -> int:
         return self.counts.get(name, self.problem_counts.get(name, 0))
+
+    def brief(self) -> str:
+        """The problems on one line, for an error message."""
+        if not self.problem_counts:
+            return "no problems found"
+        kinds = sorted(self.problem_counts.items(), key=lambda kv: -kv[1])
+        first = self.examples.get(kinds[0][0], [""])[0]
+        return f"{self.problems} problem(s): " + ", ".join(f"{k} {v}" for k, v in kinds) + (f"; e.g. {first}" if first else "")
 
     def summary(self) -> str:
         lines = [f"{self.source} conversion: " + ", ".join(f"{k} {v}" for k, v in self.counts.items())]
@@ -98,20 +168,54 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _check_name(field_name: str, value: str, remote: bool) -> None:
+    why = None
+    if not isinstance(value, str) or not value:
+        why = "is not a file name"
+    elif value.startswith("/") or "\\" in value or ":" in value or _CONTROL_RE.search(value):
+        why = "must be a relative '/'-separated name without ':', '\\' or control characters"
+    elif ".." in value.split("/"):
+        why = "has a '..' component: it would leave the images location"
+    elif remote and any(ch in value for ch in "?#%"):
+        # In a URL these would start a query or fragment, or %2e%2e decode to '..'.
+        why = "has '?', '#' or '%', which would change the meaning of the image URL"
+    if why:
+        raise BadImageName(f"{field_name} {short_repr(value)} {why}")
+
+
 def image_url(images: str, **fields: str) -> str:
-    """The location of one image: a template with `{id}`/`{file_name}`, or a folder/prefix."""
+    """The location of one image: a template with `{id}`/`{file_name}`, or a folder/prefix.
+
+    Raises `BadImageName` when a field value could leave `images` (see the module docstring),
+    ValueError for a template naming a field that is not there.
+    """
+    remote = is_remote(images)
+    for k, v in fields.items():
+        _check_name(k, v, remote)
     if "{" in images:
         try:
             return images.format(**fields)
-        except (KeyError, IndexError) as e:
+        except (KeyError, IndexError, ValueError) as e:
             raise ValueError(
-                f"image template {images!r}: unknown field {e}; available: "
+                f"image template {redact(images)!r}: bad or unknown field ({e}); available: "
                 + ", ".join("{" + k + "}" for k in fields)
             ) from None
     name = fields.get("file_name") or f"{fields['id']}.jpg"
     if is_remote(images):
         return images.rstrip("/") + "/" + name
     return os.path.join(images, name)
+
+
+def check_images(images: str, **example: str) -> None:
+    """Fail before the output root is touched when `images` cannot work for any image: a bad
+    template, a protocol fsspec does not know or lacks the package for, a folder not there."""
+    url = image_url(images, **example)
+    try:
+        get_fs(url)
+    except ValueError as e:
+        raise ValueError(f"--images {redact(images)!r}: {redact(str(e))}") from None
+    if "://" not in images and "{" not in images and not os.path.isdir(images):
+        raise FileNotFoundError(f"--images {images!r}: no such folder")
 
 
 def resize_short_edge(data: bytes, short_edge: int, quality: int = 90) -> tuple[bytes, str]:
@@ -146,41 +250,78 @@ def resize_short_edge(data: bytes, short_edge: int, quality: int = 90) -> tuple[
         return buf.getvalue(), "jpg"
 
 
-def load_image(url: str, resize: int | None = None) -> tuple[bytes, str]:
-    """Read an image through fsspec; raises FileNotFoundError or ValueError (not an image)."""
-    from PIL import Image, UnidentifiedImageError
+def _transient(e: Exception) -> bool:
+    """Worth another try: not an answer about the object itself (gone, forbidden, bad request)."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    status = getattr(e, "status", None) or getattr(e, "code", None)  # aiohttp / urllib HTTP errors
+    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
 
-    data = read_bytes(url)
-    if resize:
+
+def read_image_bytes(url: str) -> bytes:
+    """The bytes of one image; a remote read (other than S3) is retried with backoff."""
+    attempts = FETCH_ATTEMPTS if is_remote(url) and not url.startswith(("s3://", "s3a://")) else 1
+    for attempt in range(attempts - 1):
         try:
-            return resize_short_edge(data, resize)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"not a readable image ({e})") from None
+            return read_bytes(url)
+        except Exception as e:
+            if not _transient(e):
+                raise
+        time.sleep(FETCH_BACKOFF_S * 2**attempt)
+    return read_bytes(url)
+
+
+def decode_image(data: bytes, resize: int | None = None) -> tuple[bytes, str]:
+    """Check (and optionally resize) encoded image bytes; ValueError when they are no usable image.
+
+    Any exception of the decoder is a property of these bytes, including PIL's
+    DecompressionBombError for an image declaring more than 2 x `Image.MAX_IMAGE_PIXELS`.
+    """
+    from PIL import Image
+
     try:
-        # Only the header is parsed: cheap, and enough to reject HTML error pages and truncations
-        # of the first bytes; the pixels are decoded by the trainer.
+        if resize:
+            return resize_short_edge(data, resize)
+        # Only the header is parsed: cheap, and enough to reject HTML error pages, truncations
+        # of the first bytes and decompression bombs; the pixels are decoded by the trainer.
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"not a readable image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"decompression bomb refused ({e})") from None
+    except Exception as e:
+        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
     if fmt not in _PIL_EXT:
         raise ValueError(f"image format {fmt} is not one of JPEG, PNG, WEBP")
     return data, _PIL_EXT[fmt]
 
 
+def load_image(url: str, resize: int | None = None) -> tuple[bytes, str]:
+    """Read an image through fsspec; raises FileNotFoundError, ValueError (not a usable
+    image) or whatever the read raised after its retries."""
+    return decode_image(read_image_bytes(url), resize)
+
+
 def fetch_image(task: tuple) -> tuple:
     """Pool worker: `(url, resize, *payload)` -> `(status, bytes_or_message, ext, *payload)`.
 
-    status is "ok", "missing" or "bad"; the payload (labels, line numbers) rides along so that
-    the ordered pool output needs no lookup table in the parent.
+    status is "ok", "missing", "bad" (not a usable image) or "unreachable" (the read failed);
+    messages carry no credentials. The payload (labels, line numbers) rides along so that the
+    ordered pool output needs no lookup table in the parent.
     """
     url, resize, *payload = task
     try:
-        data, ext = load_image(url, resize)
+        data = read_image_bytes(url)
     except FileNotFoundError:
-        return ("missing", f"image not found: {url}", "", *payload)
-    except ValueError as e:
-        return ("bad", f"{url}: {e}", "", *payload)
+        return ("missing", f"image not found: {redact(url)}", "", *payload)
+    except Exception as e:
+        status = "unreachable" if is_remote(url) else "bad"
+        why = redact(f"{type(e).__name__}: {e}")
+        tries = f" after {FETCH_ATTEMPTS} tries" if status == "unreachable" and _transient(e) else ""
+        return (status, f"{redact(url)}: cannot read{tries} ({why})"[:500], "", *payload)
+    try:
+        data, ext = decode_image(data, resize)
+    except Exception as e:
+        return ("bad", redact(f"{url}: {e}")[:500], "", *payload)
     return ("ok", data, ext, *payload)
 
 
@@ -202,6 +343,8 @@ def merge_target(out: str, classes: Sequence[ClassInfo], split: str) -> Manifest
     return old
 
 
+_FETCH_PROBLEMS = {"missing": "missing image", "bad": "unreadable image", "unreachable": "unreachable image"}
+
 ImageTask = tuple[str, str, list[int], list[int], "list[int] | None", str]
 """(image url, sample key, pos, neg, true or None, where: file:line or image id for reports)."""
 
@@ -218,7 +361,8 @@ def image_records(
 ) -> Iterator[Record]:
     """Fetch (and resize) the images of `tasks` in a process pool; yield complete records.
 
-    A missing or unreadable image is a problem in the report and its sample is skipped. The
+    A missing, unreadable or unreachable image is a problem in the report and its sample is
+    skipped (the report names it by `where` and its URL, without credentials). The
     pool is ordered and bounded (`parallel_map`), so memory holds a window of images, not the
     dataset, and the output order is the input order.
     """
@@ -238,11 +382,8 @@ def image_records(
     ) as results:
         for status, data, ext, key, pos, neg, true, where in results:
             bar.update(1)
-            if status == "missing":
-                report.problem("missing image", where, data)
-                continue
-            if status == "bad":
-                report.problem("unreadable image", where, data)
+            if status != "ok":
+                report.problem(_FETCH_PROBLEMS[status], where, data)
                 continue
             report.count("images written")
             yield Record(key=key, image=data, pos=pos, neg=neg, ext=ext, true=true)
@@ -257,13 +398,22 @@ def write_split(
     shard_samples: int,
     source: str,
     split_meta: dict[str, object],
+    report: ConversionReport | None = None,
 ) -> Manifest:
     """Write one split into `out`, keeping the other splits of an existing root there.
 
-    The manifest's meta records, per split, how it was converted (`conversions.<split>`).
+    The manifest's meta records, per split, how it was converted (`conversions.<split>`); its
+    strings are redacted here, so no credential in an input URL reaches `dataset.json`. When
+    nothing is left to write, the writer's error is completed with `report`'s problems: the
+    summary that would have said why is otherwise never printed.
     """
     keep = merge_target(out, classes, split)
     conversions = dict(keep.meta.get("conversions", {})) if keep is not None else {}  # type: ignore[call-overload]
-    conversions[split] = split_meta
+    conversions[split] = {k: redact(v) if isinstance(v, str) else v for k, v in split_meta.items()}
     meta = {"source": source, "conversions": conversions}
-    return write_dataset(out, classes, {split: records}, shard_samples=shard_samples, meta=meta, keep=keep)
+    try:
+        return write_dataset(out, classes, {split: records}, shard_samples=shard_samples, meta=meta, keep=keep)
+    except EmptySplitError as e:
+        if report is None:
+            raise
+        raise EmptySplitError(f"{e}; {report.source} input had {report.brief()}") from None

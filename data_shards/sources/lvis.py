@@ -12,7 +12,9 @@ image:
 Nothing is simulated and no truth is written: the full labels are unknown.
 
 Classes are the categories sorted by id (`str(id)`, name); an image's file is its
-`file_name` if present, else the basename of `coco_url` (LVIS v1 has only the latter).
+`file_name` if present, else the basename of `coco_url` (LVIS v1 has only the latter). Bad
+input is handled as in `coco.py`; a category id list holding a non-integer is a problem of its
+image.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any, Iterator
 
 
 from ..format import ClassInfo, Manifest
-from .coco import annotated_classes, read_images, categories, image_key, load_json
-from .common import ConversionReport, ImageTask, image_records, image_url, write_split
+from ..storage import redact
+from .coco import annotated_classes, categories, image_tasks, load_json, read_images
+from .common import ConversionReport, ImageTask, check_images, image_records, short_repr, write_split
 
 __all__ = ["lvis_labels", "build_lvis"]
 
@@ -36,6 +39,9 @@ def _cat_list(
         report.problem("bad image entry", where, f"{field} is not a list")
         return out
     for cid in values:
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            report.problem("bad image entry", where, f"{field} has {short_repr(cid)}, not an integer category id")
+            continue
         c = cat_index.get(cid)
         if c is None:
             report.problem("unknown category", where, f"{field} has category id {cid!r} not in 'categories'")
@@ -82,20 +88,22 @@ def build_lvis(
     """Convert an LVIS v1 annotation JSON; `images` as in `build_coco`."""
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
         raise ValueError(f"resize must be a positive short-edge size in pixels, got {resize!r}")
-    image_url(images, id="1", file_name="x.jpg")
+    check_images(images, id="1", file_name="x.jpg")
     report = ConversionReport("lvis", strict=strict)
+    where = redact(annotations)
     data = load_json(annotations)
-    classes, imgs, labels = lvis_labels(data, annotations, report)
+    classes, imgs, labels = lvis_labels(data, where, report)
 
     def tasks() -> Iterator[ImageTask]:
-        for img, (pos, neg) in zip(imgs, labels):
-            name, key = image_key(img)
-            url = image_url(images, id=str(img["id"]), file_name=name)
-            yield url, key, pos, neg, None, f"{annotations}: image id {img['id']}"
+        for i, url, key, at in image_tasks(imgs, images, where, report):
+            pos, neg = labels[i]
+            yield url, key, pos, neg, None, at
 
     records = image_records(
         tasks(), resize=resize, workers=workers, report=report, desc=f"lvis {split}", progress=progress, total=len(imgs)
     )
     split_meta = {"annotations": annotations, "images": images, "resize": resize}
-    manifest = write_split(out, classes, split, records, shard_samples=shard_samples, source="lvis", split_meta=split_meta)
+    manifest = write_split(
+        out, classes, split, records, shard_samples=shard_samples, source="lvis", split_meta=split_meta, report=report
+    )
     return manifest, report

@@ -19,6 +19,12 @@ verified CSV covers ~20 k classes, the trainable list 9.6 k), an exact duplicate
 once), a class both 1 and 0 for one image (dropped for that image), a missing or unreadable
 image. `strict=True` raises `ConversionError` at the first of them instead.
 
+A file that cannot be read as UTF-8 CSV (a bad byte, a truncated .gz, a field over the csv
+module's 128 KiB limit, an unterminated quote running to the end) stops the conversion with a
+`ConversionError` naming file:line: past such a point the rows cannot be trusted, and the
+person fixing the file needs the place. An ImageID that would leave `--images` (`../x`) is a
+"bad file name" problem of that image.
+
 Classes: a descriptions CSV (`LabelName,DisplayName`, header optional: a MID never contains a
 comma) or one MID per line, names then from `descriptions` or the MID itself. The class file's
 order is the class index order. Display names repeat in the official vocabulary; classes are
@@ -28,15 +34,25 @@ keyed by MID only.
 from __future__ import annotations
 
 import csv
-from contextlib import closing
-from typing import Iterator
+from contextlib import closing, contextmanager
+from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
 
 from ..format import ClassInfo, Manifest
-from ..storage import storage_options
-from .common import ConversionError, ConversionReport, ImageTask, image_records, image_url, write_split
+from ..storage import redact, storage_options
+from .common import (
+    BadImageName,
+    ConversionError,
+    ConversionReport,
+    ImageTask,
+    check_images,
+    image_records,
+    image_url,
+    input_fault,
+    write_split,
+)
 
 __all__ = ["load_classes", "read_label_groups", "build_openimages"]
 
@@ -48,37 +64,84 @@ def _open_text(url: str):
     return fsspec.open(url, "rt", encoding="utf-8-sig", newline="", compression="infer", **storage_options(url))
 
 
+def _first_bad_utf8_line(url: str) -> int | None:
+    # A text stream decodes 8 KiB chunks, so its error can come lines before the bad byte; on
+    # that (rare) path the file is read again line by line to name the right one.
+    try:
+        with fsspec.open(url, "rb", compression="infer", **storage_options(url)) as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return n
+    except Exception:
+        return None
+    return None
+
+
+@contextmanager
+def _naming_errors(url: str, lines_read: Callable[[], int]) -> Iterator[None]:
+    """A failure to read the text input `url` becomes a ConversionError naming file:line."""
+    try:
+        yield
+    except csv.Error as e:  # found on the last line read
+        raise ConversionError(f"{redact(url)}:{lines_read()}: not a readable CSV row ({e})") from None
+    except UnicodeDecodeError as e:
+        line = _first_bad_utf8_line(url) or lines_read() + 1
+        raise ConversionError(f"{redact(url)}:{line}: {input_fault(e)}") from None
+    except Exception as e:  # raised reading the next line
+        fault = input_fault(e)
+        if fault is None:
+            raise
+        raise ConversionError(f"{redact(url)}:{lines_read() + 1}: {fault}") from None
+
+
+def _text_lines(url: str) -> Iterator[str]:
+    n = 0
+    with _open_text(url) as f, _naming_errors(url, lambda: n):
+        for n, line in enumerate(f, 1):  # noqa: B007 (n is read by the lambda)
+            yield line
+
+
+def _csv_rows(url: str) -> Iterator[tuple[int, list[str]]]:
+    """(line, row) of a CSV file, the line being the row's last; read errors name file:line."""
+    with _open_text(url) as f:
+        reader = csv.reader(f)
+        with _naming_errors(url, lambda: reader.line_num):
+            for row in reader:
+                yield reader.line_num, row
+
+
 def _read_descriptions(url: str) -> list[tuple[str, str]]:
     out = []
-    with _open_text(url) as f:
-        for i, row in enumerate(csv.reader(f), 1):
-            if i == 1 and [c.strip() for c in row] == ["LabelName", "DisplayName"]:
-                continue
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != 2 or not row[0].strip():
-                raise ValueError(f"{url}:{i}: expected 'LabelName,DisplayName', got {row!r}")
-            out.append((row[0].strip(), row[1].strip()))
+    for i, row in _csv_rows(url):
+        if i == 1 and [c.strip() for c in row] == ["LabelName", "DisplayName"]:
+            continue
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 2 or not row[0].strip():
+            raise ValueError(f"{redact(url)}:{i}: expected 'LabelName,DisplayName', got {row!r}"[:300])
+        out.append((row[0].strip(), row[1].strip()))
     return out
 
 
 def load_classes(classes_file: str, descriptions: str | None = None) -> list[ClassInfo]:
     """Classes in file order from a descriptions CSV or a one-MID-per-line list."""
-    with _open_text(classes_file) as f:
-        first = f.readline()
+    with closing(_text_lines(classes_file)) as lines:
+        first = next(lines, "")
     if "," in first:
         pairs = _read_descriptions(classes_file)
     else:
-        with _open_text(classes_file) as f:
-            mids = [line.strip() for line in f if line.strip()]
+        mids = [line.strip() for line in _text_lines(classes_file) if line.strip()]
         names = dict(_read_descriptions(descriptions)) if descriptions else {}
         pairs = [(m, names.get(m, m)) for m in mids]
+    name = redact(classes_file)
     if not pairs:
-        raise ValueError(f"{classes_file}: no classes found")
+        raise ValueError(f"{name}: no classes found")
     seen: set[str] = set()
     for mid, _ in pairs:
         if mid in seen:
-            raise ValueError(f"{classes_file}: class {mid!r} is listed twice")
+            raise ValueError(f"{name}: class {mid!r} is listed twice"[:300])
         seen.add(mid)
     return [ClassInfo(id=m, name=n) for m, n in pairs]
 
@@ -136,7 +199,11 @@ def read_label_groups(
     *,
     skip_unknown: bool = False,
 ) -> Iterator[tuple[str, list[int], list[int], int]]:
-    """Stream the label CSV as `(image_id, pos, neg, first_line)` per image, problems reported."""
+    """Stream the label CSV as `(image_id, pos, neg, first_line)` per image, problems reported.
+
+    A file that cannot be read on (see the module docstring) raises ConversionError at file:line.
+    """
+    name = redact(labels_csv)
     seen = _SeenIds()
     cur: str | None = None
     cur_line = 0
@@ -154,27 +221,25 @@ def read_label_groups(
             return None
         return cur, pos, neg, cur_line
 
-    with _open_text(labels_csv) as f:
-        reader = csv.reader(f)
-        cols = {name: i for i, name in enumerate(_COLUMNS)}
+    with closing(_csv_rows(labels_csv)) as rows:
+        cols = {c: i for i, c in enumerate(_COLUMNS)}
         first = True
-        for row in reader:
-            line = reader.line_num
+        for line, row in rows:
             if first:
                 first = False
                 names = [c.strip() for c in row]
                 if set(_COLUMNS) <= set(names):
-                    cols = {name: names.index(name) for name in _COLUMNS}
+                    cols = {c: names.index(c) for c in _COLUMNS}
                     ncols = len(names)
                     continue
                 if any(n in _COLUMNS for n in names):
-                    raise ConversionError(f"{labels_csv}:{line}: header {row!r} lacks columns {', '.join(_COLUMNS)}")
-                report.problem("missing header", f"{labels_csv}:{line}", f"no header row; assuming {','.join(_COLUMNS)}")
+                    raise ConversionError(f"{name}:{line}: header {row!r} lacks columns {', '.join(_COLUMNS)}"[:300])
+                report.problem("missing header", f"{name}:{line}", f"no header row; assuming {','.join(_COLUMNS)}")
                 ncols = len(_COLUMNS)
             if not row:
                 continue
             report.count("rows read")
-            where = f"{labels_csv}:{line}"
+            where = f"{name}:{line}"
             if len(row) != ncols:
                 report.problem("malformed row", where, f"{len(row)} columns, expected {ncols}: {row!r}"[:200])
                 continue
@@ -240,18 +305,27 @@ def build_openimages(
     classes = load_classes(classes_file, descriptions)
     index = {c.id: i for i, c in enumerate(classes)}
     report = ConversionReport("openimages", strict=strict)
-    image_url(images, id="x")  # a bad template fails here, before the root is touched
+    check_images(images, id="x")  # a bad template fails here, before the root is touched
+    name = redact(labels_csv)
 
     def tasks() -> Iterator[ImageTask]:
         with closing(read_label_groups(labels_csv, index, report, skip_unknown=skip_unknown)) as groups:
             for n, (image_id, pos, neg, line) in enumerate(groups):
                 if limit is not None and n >= limit:
                     return
-                yield image_url(images, id=image_id), image_id, pos, neg, None, f"{labels_csv}:{line} ImageID {image_id}"
+                where = f"{name}:{line} ImageID {image_id}"
+                try:
+                    url = image_url(images, id=image_id)
+                except BadImageName as e:
+                    report.problem("bad file name", where, str(e))
+                    continue
+                yield url, image_id, pos, neg, None, where
 
     records = image_records(
         tasks(), resize=resize, workers=workers, report=report, desc=f"openimages {split}", progress=progress, total=limit
     )
     split_meta = {"labels": labels_csv, "classes": classes_file, "images": images, "resize": resize}
-    manifest = write_split(out, classes, split, records, shard_samples=shard_samples, source="openimages", split_meta=split_meta)
+    manifest = write_split(
+        out, classes, split, records, shard_samples=shard_samples, source="openimages", split_meta=split_meta, report=report
+    )
     return manifest, report
