@@ -30,7 +30,7 @@ def _done(out: str, m, split: str | None = None, report=None) -> None:
     if report is not None:
         click.echo(report.summary(), err=True)
     splits = [split] if split else list(m.splits)
-    click.echo(f"wrote {out}: {m.num_classes} classes, "
+    click.echo(f"wrote {_shown(out)}: {m.num_classes} classes, "
                + ", ".join(f"{k} {m.splits[k].samples} samples in {len(m.splits[k].shards)} shards" for k in splits))
 
 
@@ -123,8 +123,14 @@ def lvis(annotations, images, out, split, strict, resize, shard_samples, workers
     _done(out, m, split, report)
 
 
+def _shown(url: str) -> str:
+    from .storage import redact
+
+    return redact(url)
+
+
 def _bar(root: str, total: int, what: str):
-    return tqdm(total=total, desc=f"{what} {root}", unit="shard", file=sys.stderr, disable=total < 2)
+    return tqdm(total=total, desc=f"{what} {_shown(root)}", unit="shard", file=sys.stderr, disable=total < 2)
 
 
 @shards_app.command("inspect")
@@ -145,7 +151,7 @@ def inspect(root: str, as_json: bool, top: int, threads: int) -> None:
         click.echo(json.dumps({"classes": res["classes"],
                                "splits": {k: {kk: v[kk] for kk in keep} for k, v in res["splits"].items()}}))
         return
-    click.echo(f"{root}: {res['classes']} classes")
+    click.echo(f"{_shown(root)}: {res['classes']} classes")
     for split, s in res["splits"].items():
         n = max(s["samples"], 1)
         click.echo(f"\n[{split}] {s['samples']} samples, {s['shards']} shards, {s['bytes'] / 1e6:.1f} MB, "
@@ -176,9 +182,9 @@ def verify(root: str, as_json: bool, threads: int, image_size: int) -> None:
     if as_json:
         click.echo(json.dumps(res))
     elif res["ok"]:
-        click.echo(f"ok: {root}: {res['samples']} samples in {sum(len(s.shards) for s in m.splits.values())} shards verified")
+        click.echo(f"ok: {_shown(root)}: {res['samples']} samples in {sum(len(s.shards) for s in m.splits.values())} shards verified")
     else:
-        click.echo(f"{res['problem_count']} problems in {root}"
+        click.echo(f"{res['problem_count']} problems in {_shown(root)}"
                    + (f" (the first {MAX_PROBLEMS} listed)" if res["problem_count"] > MAX_PROBLEMS else "") + ":")
         for p in res["problems"]:  # control characters from tar names are already escaped
             click.echo(f"  {p['shard']}  {p['key']}  {p['what']}")

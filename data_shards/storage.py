@@ -69,6 +69,13 @@ def join(root: str, *parts: str) -> str:
 
 def storage_options(url: str) -> dict[str, Any]:
     """Options for fsspec from the environment; empty for local paths."""
+    if url.startswith(("http://", "https://")):
+        # aiohttp's default is a 5-minute total per request: a host that drops packets would
+        # stall one image (and each retry of it) that long. CSL_HTTP_TIMEOUT_S bounds it.
+        import aiohttp
+
+        total = float(os.environ.get("CSL_HTTP_TIMEOUT_S", "60"))
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=total, sock_connect=min(total, 10.0))}}
     if not url.startswith(("s3://", "s3a://")):
         return {}
     opts: dict[str, Any] = {
