@@ -516,3 +516,42 @@ def test_report_and_errors_redact_every_url():
     with pytest.raises(ConversionError) as e:
         strict.problem("k", "https://u:s3cr3t@h/a", "b")
     assert "s3cr3t" not in str(e.value)
+
+
+# ---------------------------------------------------------------- item 1: the other split survives
+
+
+@pytest.mark.parametrize("how", ["bad split name", "strict failure", "bad image under strict"])
+def test_a_failed_split_conversion_keeps_the_other_split(tmp_path, capsys, how):
+    from data_shards.inspect import verify_dataset
+    from data_shards.storage import read_manifest
+
+    ids = [f"i{n}" for n in range(6)]
+    imgs = image_dir(tmp_path, [f"{i}.jpg" for i in ids])
+    out = str(tmp_path / "out")
+    rc, _, err = csl(capsys, "shards", "openimages", "--labels", labels_csv(tmp_path, ids), "--classes",
+                     classes_file(tmp_path), "--images", str(imgs), "--out", out, "--split", "train",
+                     "--shard-samples", "2", "--workers", "0")
+    assert rc == 0, err
+    before = Path(out, "dataset.json").read_bytes()
+    val_ids = [f"v{n}" for n in range(5)]
+    for i, v in enumerate(val_ids):
+        (imgs / f"{v}.jpg").write_bytes(jpeg(i))
+    labels = labels_csv(tmp_path, val_ids, name="val.csv")
+    split = "val"
+    if how == "bad split name":
+        split = "va/l"
+    elif how == "strict failure":  # a bad row after two shards' worth of good ones
+        with open(labels, "a") as f:
+            f.write(f"v9,v,{PERSON},0.5\n")
+    else:
+        (imgs / "v3.jpg").write_bytes(b"<html>not an image</html>")
+    rc, _, err = csl(capsys, "shards", "openimages", "--labels", labels, "--classes", classes_file(tmp_path),
+                     "--images", str(imgs), "--out", out, "--split", split, "--shard-samples", "1",
+                     "--workers", "0", "--strict")
+    assert rc == 2, err
+    m = read_manifest(out)
+    assert m.splits["train"].samples == 6
+    if how == "bad split name":
+        assert Path(out, "dataset.json").read_bytes() == before
+    assert verify_dataset(out)["ok"]
