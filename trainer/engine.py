@@ -34,6 +34,11 @@ Design notes:
   decay is computed from a host-side counter.
 - Checkpoints are DeepSpeed's sharded format in a *local* folder (``save_checkpoint`` is
   collective and writes per-rank files); uploading to the run storage is the loop's job.
+- Resume does not trust the run folder (a shared bucket): DeepSpeed reads its files with
+  ``torch.load(weights_only=False)``, so ``load`` lends it a checkpoint engine that loads
+  with ``weights_only=True`` and an allow-list of four DeepSpeed types. Its direct
+  ``torch.load`` calls (universal checkpoints, ZeRO-3 weights without optimizer state) are
+  off our path: the first is refused, the second never asked for.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ import copy
 import logging
 import math
 import os
+import pickle
+import re
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -58,7 +65,8 @@ from trainer.shm_allreduce import ShmAllReduce
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-__all__ = ["Engine", "ModelEMA", "deepspeed_config", "ensure_process_group", "setup_engine"]
+__all__ = ["Engine", "ModelEMA", "UnsafeCheckpointError", "deepspeed_config", "ensure_process_group",
+           "safe_torch_load", "setup_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +137,58 @@ def _check_precision(precision: str) -> None:
             f"{acc.device_name()} accelerator here; use "
             + " or ".join(repr(p) for p, ok in supported.items() if ok)
         )
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds a type outside the resume allow-list; nothing in it ran."""
+
+
+def _resume_allow_list() -> list[type]:
+    # The non-torch types DeepSpeed 0.19.8 pickles into our checkpoints, found by saving at
+    # ZeRO 0-3 in fp32 and bf16 and loading with weights_only=True. Model-state files (and
+    # ZeRO-0 optimizer state, torch's own) need none. Each is plain data: no __reduce__ or
+    # __setstate__ of its own, so loading one only sets attributes.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
+    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+
+    return [
+        ZeroStageEnum,  # ZeRO 1-3 optim_states: the stage that wrote the file (an int Enum)
+        LossScaler,  # ZeRO 1-3 optim_states: the no-op scaler DeepSpeed keeps in fp32 and bf16
+        DynamicLossScaler,  # that slot under fp16 (GPU; CPU refuses fp16, so checked by pickling one)
+        fragment_address,  # ZeRO 1-2 optim_states: (numel, start) of each parameter in its partition
+    ]
+
+
+def safe_torch_load(path: str, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` with DeepSpeed's checkpoint types allowed for this call.
+
+    Raises ``UnsafeCheckpointError`` naming ``path`` when the file holds anything else.
+    """
+    with torch.serialization.safe_globals(_resume_allow_list()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's own message suggests weights_only=False, the wrong advice for a hostile file
+            why = r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed| Please use|\n\n|$)"
+            found = re.search(why, str(e), re.S)
+            raise UnsafeCheckpointError(
+                f"checkpoint file {path!r} holds a disallowed type; nothing from it was executed "
+                f"({found.group(1).strip() if found else 'not loadable with weights_only=True'})"
+            ) from None
+
+
+class _SafeLoads:
+    """DeepSpeed's checkpoint engine with ``load`` replaced by ``safe_torch_load``."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_torch_load(path, map_location)
 
 
 class ModelEMA:
@@ -439,9 +499,17 @@ class Engine:
         probe = os.path.join(ckpt_dir, tag) if tag is not None else os.path.join(ckpt_dir, "latest")
         if not os.path.exists(probe):
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {ckpt_dir!r} (tag {tag!r}): {probe!r} is missing")
-        path, state = self._ds.load_checkpoint(
-            ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        if self._ds.load_universal_checkpoint():
+            raise RuntimeError("universal checkpoints are read by DeepSpeed's own torch.load "
+                               "(weights_only=False), past our safe loader: not supported on resume")
+        inner = self._ds.checkpoint_engine
+        self._ds.checkpoint_engine = _SafeLoads(inner)  # every file of our path is read through it
+        try:
+            path, state = self._ds.load_checkpoint(
+                ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        finally:
+            self._ds.checkpoint_engine = inner
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {ckpt_dir!r} (tag {tag!r})")
         state = state or {}
