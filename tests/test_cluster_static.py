@@ -8,16 +8,24 @@ use; anything else is rejected so it cannot be silently ignored) that builds eve
 What is static: the Dockerfile, parsed with dockerfile-parse, against the invariants of issue
 6 (pinned Ray base matching pyproject, CUDA torch from the matching index, the gpu extra,
 non-root, no credentials, dependency layers before code layers, a `csl --help` health check);
-every manifest, before and after the overlays, against `cluster/k8s/schema/` (KubeRay v1
-field names with `additionalProperties: false`, so a misspelt field fails); sizes, images,
-Ray versions and run names agreeing across files; no secret values anywhere.
+every manifest, before and after the overlays, against `cluster/k8s/schema/` (every field name
+KubeRay v1.7.0's CRDs accept, with `additionalProperties: false`, so a misspelt field fails and
+a real one such as affinity passes; keyed lists unique by the CRD's list-map keys; names as the
+operator requires); sizes, images, Ray versions and run names agreeing across files; no secret
+values anywhere. Issue 20: the RayJob deadlines recomputed from the entrypoint's config and
+cluster/README.md's rates, a light submitter placed like the head, and each pod's /dev/shm
+budget (object store + DataLoader hand-offs + host staging + NCCL) recomputed from the rendered
+manifests, the presets and the stream's slot pool, against the limit and README's table.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import fnmatch
+import functools
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -289,14 +297,41 @@ def test_json6902_applier():
 # manifests
 
 
+def _list_map_keys(validator, keys: list[str], instance: Any, schema: dict[str, Any]):
+    """The API server's rule for `x-kubernetes-list-type: map`: one entry per key; a missing key
+    takes the item schema's default (a port without protocol is TCP)."""
+    if not validator.is_type(instance, "array"):
+        return
+    items = schema.get("items", {})
+    if "$ref" in items:
+        items = SCHEMA["$defs"][items["$ref"].rsplit("/", 1)[1]]
+    defaults = {k: v.get("default") for k, v in items.get("properties", {}).items()}
+    seen: dict[tuple, int] = {}
+    for i, item in enumerate(instance):
+        if isinstance(item, dict):
+            key = tuple(item.get(k, defaults.get(k)) for k in keys)
+            if key in seen:
+                yield jsonschema.ValidationError(
+                    f"entries {seen[key]} and {i} share the key {dict(zip(keys, key))} (x-kubernetes-list-map-keys)")
+            seen.setdefault(key, i)
+
+
+KubeValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"x-kubernetes-list-map-keys": _list_map_keys})
+
+
+@functools.cache
+def _validator(kind: str):
+    schema = {"$ref": f"#/$defs/{kind}", "$defs": SCHEMA["$defs"]}
+    KubeValidator.check_schema(schema)
+    return KubeValidator(schema)
+
+
 def _validate(doc: dict[str, Any], where: str) -> None:
     kind = doc.get("kind")
     assert kind in SCHEMA["$defs"], f"{where}: no schema for kind {kind!r}"
-    schema = {"$ref": f"#/$defs/{kind}", "$defs": SCHEMA["$defs"]}
-    try:
-        jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
-    except jsonschema.ValidationError as e:
-        raise AssertionError(f"{where}: {e.message} at /{'/'.join(map(str, e.absolute_path))}") from None
+    e = jsonschema.exceptions.best_match(_validator(kind).iter_errors(doc))
+    if e is not None:
+        raise AssertionError(f"{where}: {e.message} at /{'/'.join(map(str, e.absolute_path))}")
 
 
 def _manifest_files() -> list[Path]:
@@ -344,6 +379,320 @@ def test_schema_rejects_typos_and_missing_fields():
         "name": "AWS_ACCESS_KEY_ID", "value": "x", "valueFrom": {"secretKeyRef": {"name": "a", "key": "b"}}}
     with pytest.raises(AssertionError):
         _validate(inline, "value and valueFrom")
+
+
+def _head_spec(job: dict[str, Any]) -> dict[str, Any]:
+    return job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+
+
+def _worker_spec(job: dict[str, Any]) -> dict[str, Any]:
+    return job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+
+
+def test_schema_refuses_duplicate_keys_and_names_the_operator_refuses():
+    job = yaml.safe_load((K8S / "base" / "rayjob.yaml").read_text())
+    cluster = yaml.safe_load((K8S / "interactive" / "raycluster.yaml").read_text())
+    cases: list[tuple[str, str, dict[str, Any]]] = []
+
+    def variant(label: str, why: str, doc: dict[str, Any] = job) -> dict[str, Any]:
+        cases.append((label, why, copy.deepcopy(doc)))
+        return cases[-1][2]
+
+    dup, pattern, long = "share the key", "does not match", "is too long"
+    head_c = lambda d: _head_spec(d)["containers"][0]  # noqa: E731
+    head_c(variant("env name twice", dup))["env"].append({"name": "AWS_DEFAULT_REGION", "value": "eu-west-1"})
+    _head_spec(variant("container name twice", dup))["containers"].append({"name": "ray-head", "image": "busybox"})
+    head_c(variant("mountPath twice", dup))["volumeMounts"].append({"name": "ray-logs", "mountPath": "/dev/shm"})
+    # 6379 is listed without protocol, which the API server defaults to TCP before comparing
+    head_c(variant("port+protocol twice", dup))["ports"].append({"name": "gcs2", "containerPort": 6379, "protocol": "TCP"})
+    _head_spec(variant("volume name twice", dup))["volumes"].append({"name": "dshm", "emptyDir": {}})
+    variant("worker group twice", dup)["spec"]["rayClusterSpec"]["workerGroupSpecs"] *= 2
+    variant("RayJob name with a leading digit", pattern)["metadata"]["name"] = "8gpu-oi-v6"
+    variant("RayJob name of 48 characters", long)["metadata"]["name"] = "a" * 48
+    variant("RayJob name with a dot", pattern)["metadata"]["name"] = "oi.v6"
+    variant("RayCluster name of 54 characters", long, cluster)["metadata"]["name"] = "a" * 54
+    head_c(variant("container name not DNS-1123", pattern))["name"] = "Ray_Head"
+    head_c(variant("port name over 15 characters", long))["ports"][0]["name"] = "gcs-server-port-x"
+    head_c(variant("unknown resource name", pattern))["resources"]["limits"]["memroy"] = "1Gi"
+    head_c(variant("bare resource name", pattern))["resources"]["limits"]["gpu"] = "1"
+    _head_spec(variant("volume with two sources", "too many properties"))["volumes"][0]["persistentVolumeClaim"] = {
+        "claimName": "x"}
+    variant("preRunningDeadlineSeconds 0", "less than the minimum")["spec"]["preRunningDeadlineSeconds"] = 0
+    variant("activeDeadlineSeconds over int32", "greater than the maximum")["spec"]["activeDeadlineSeconds"] = 2**31
+    variant("object-store-memory with a unit", pattern)["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"][
+        "object-store-memory"] = "4Gi"
+    variant("neither rayClusterSpec nor clusterSelector", "not valid under any")["spec"].pop("rayClusterSpec")
+    for label, why, doc in cases:
+        with pytest.raises(AssertionError, match=why):
+            _validate(doc, label)
+            pytest.fail(f"schema accepted: {label}")
+    # the same port on another protocol is a different entry
+    ok = copy.deepcopy(job)
+    assert "protocol" not in head_c(ok)["ports"][0] and head_c(ok)["ports"][0]["containerPort"] == 6379
+    head_c(ok)["ports"].append({"name": "gcs-udp", "containerPort": 6379, "protocol": "UDP"})
+    _validate(ok, "6379/UDP beside 6379/TCP")
+
+
+def test_schema_accepts_real_fields_users_add():
+    """Open where KubeRay's CRD is open: these are real fields and must not fail our check."""
+    job = yaml.safe_load((K8S / "base" / "rayjob.yaml").read_text())
+    worker = _worker_spec(job)
+    worker["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}}
+    worker["topologySpreadConstraints"] = [
+        {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}]
+    worker["priorityClassName"] = "gpu-batch"
+    worker["imagePullSecrets"] = [{"name": "ghcr"}]
+    worker["initContainers"] = [{"name": "warm-cache", "image": "busybox", "command": ["true"]}]
+    c = worker["containers"][0]
+    c["envFrom"] = [{"configMapRef": {"name": "csl-env"}}]
+    c["env"].append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    c["livenessProbe"] = {"exec": {"command": ["bash", "-c", "ray health-check"]}, "periodSeconds": 30}
+    c["readinessProbe"] = {"httpGet": {"path": "/", "port": 52365}}
+    c["startupProbe"] = {"tcpSocket": {"port": 6379}}
+    for side in ("requests", "limits"):
+        c["resources"][side]["vpc.amazonaws.com/efa"] = "4"
+        c["resources"][side]["hugepages-2Mi"] = "1Gi"
+    c["securityContext"] = {"readOnlyRootFilesystem": False, "capabilities": {"add": ["IPC_LOCK"]}}
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["idleTimeoutSeconds"] = 60
+    job["spec"]["entrypointResources"] = '{"head": 1}'
+    _validate(job, "real fields")
+    existing = copy.deepcopy(job)
+    existing["spec"].pop("rayClusterSpec")
+    existing["spec"]["clusterSelector"] = {"ray.io/cluster": "csl-interactive"}
+    _validate(existing, "a RayJob on an existing cluster")
+
+
+def _pod_volumes_check(tpl: dict[str, Any], where: str) -> None:
+    vols = {v["name"] for v in tpl["spec"].get("volumes", [])}
+    for c in _containers(tpl):
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in vols, f"{where}: {c['name']} mounts volume {m['name']!r}, which the pod does not define"
+
+
+def test_every_mount_has_its_volume():
+    for build, docs in _builds().items():
+        for doc in docs:
+            if doc["kind"] == "RayJob":
+                for tpl in _all_pod_templates(doc) + [doc["spec"]["submitterPodTemplate"]]:
+                    _pod_volumes_check(tpl, f"kustomize build {build}")
+    for tpl in _all_pod_templates(yaml.safe_load((K8S / "interactive" / "raycluster.yaml").read_text())):
+        _pod_volumes_check(tpl, "interactive")
+
+
+def test_submitter_is_light_and_placed_like_the_head():
+    """KubeRay's default submitter runs on the head's CUDA image with no security context."""
+    for build, docs in _builds().items():
+        job = next(d for d in docs if d["kind"] == "RayJob")
+        where = f"kustomize build {build}"
+        sub = job["spec"]["submitterPodTemplate"]["spec"]
+        head = _head_spec(job)
+        assert sub.get("restartPolicy") in ("Never", "OnFailure"), (
+            f"{where}: a Job's pod template needs restartPolicy Never or OnFailure")
+        for field in ("securityContext", "tolerations", "nodeSelector", "affinity"):
+            assert sub.get(field) == head.get(field), f"{where}: the submitter's {field} differs from the head's"
+        c = sub["containers"][0]
+        m = re.fullmatch(r"rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-cpu(@sha256:[0-9a-f]{64})?", c["image"])
+        assert m, f"{where}: submitter image {c['image']!r} is not Ray's CPU image"
+        assert m["ray"] == _pin("ray") == job["spec"]["rayClusterSpec"]["rayVersion"], (
+            f"{where}: `ray job submit` must be the cluster's Ray version")
+        assert m["py"] == "311"
+        assert "command" not in c and "args" not in c, f"{where}: KubeRay supplies the submit command"
+        res = c["resources"]
+        assert _quantity_bytes(res["requests"]["memory"]) <= 512 * 2**20 and _cpu(res["requests"]["cpu"]) <= 0.5, where
+        assert _quantity_bytes(res["limits"]["memory"]) >= 512 * 2**20, f"{where}: an OOM-killed submitter costs a retry"
+        assert not any("valueFrom" in e for e in c.get("env", [])), f"{where}: the submitter needs no credentials"
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+# ---------------------------------------------------------------------------------------
+# deadlines and /dev/shm (issue 20)
+
+# cluster/README.md, "Sizing": OpenImages V6 training images, the slowest GPU class it
+# estimates (V100: TResNet-M training and inference rates), the low end of its 64-GPU
+# scaling efficiency; the margin and the pre-running bounds are the manifests' own.
+TRAIN_IMAGES = 9.0e6
+TRAIN_IMG_S_PER_GPU = 730
+INFER_IMG_S_PER_GPU = 2930
+MULTI_NODE_EFFICIENCY = 0.85
+DEADLINE_MARGIN = 1.5
+PIPELINE_TRAININGS = 2            # csl pipeline: Ignore model, then the target model
+NUM_CLASSES = 9605                # V6 trainable classes (cluster/README.md): int8 targets per sample
+NCCL_SHM_PER_GPU = 512 * 2**20    # estimate: NCCL's intra-node buffers, a few hundred MiB per GPU
+STAGED_BATCHES_PER_GPU = 2        # the batch being copied to the GPU and the next one
+SHM_MAX_USE = 0.75                # budget <= 75 % of /dev/shm: a quarter stays free
+GIB = 2**30
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _quantity_bytes(q: str | int) -> int:
+    m = re.fullmatch(r"(\d+)(|k|M|G|T|Ki|Mi|Gi|Ti)", str(q))
+    assert m, f"quantity {q!r}: this test reads whole numbers with a unit only"
+    return int(m[1]) * _UNITS[m[2]]
+
+
+def _cpu(q: str | int) -> float:
+    return int(str(q)[:-1]) / 1000 if str(q).endswith("m") else float(q)
+
+
+def _expected_run_s(cfg, gpus: int, nodes: int) -> float:
+    """One `csl pipeline` on `gpus` GPUs at cluster/README.md's V100 rates."""
+    samples = cfg.train.epochs * TRAIN_IMAGES
+    if cfg.train.max_steps:
+        samples = min(samples, cfg.train.max_steps * cfg.train.grad_accum * cfg.data.batch_size * gpus)
+    rate = gpus * TRAIN_IMG_S_PER_GPU * (MULTI_NODE_EFFICIENCY if nodes > 1 else 1.0)
+    return PIPELINE_TRAININGS * samples / rate + TRAIN_IMAGES / (gpus * INFER_IMG_S_PER_GPU)
+
+
+def test_readme_holds_the_rates_the_deadlines_use():
+    text = (CLUSTER / "README.md").read_text()
+    for fact in ("9.0M training images", "730 img/s/GPU", "2,930 img/s/GPU", "85 to 95 %", "9,605 trainable classes"):
+        assert fact in text, f"cluster/README.md no longer says {fact!r}: recheck the deadlines and the /dev/shm budget"
+
+
+def test_deadlines_cover_the_expected_run():
+    for build, docs in _builds().items():
+        job = next(d for d in docs if d["kind"] == "RayJob")
+        cfg, _ = _entrypoint_config(job)
+        spec, where = job["spec"], f"kustomize build {build}"
+        pre, active = spec.get("preRunningDeadlineSeconds"), spec.get("activeDeadlineSeconds")
+        assert pre and active, f"{where}: a RayJob without deadlines can hold its GPUs forever"
+        nodes = spec["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
+        assert 1200 <= pre <= 7200, f"{where}: preRunningDeadlineSeconds {pre}: an image pull and Ray start need ~30 min"
+        if nodes > 1:
+            assert pre >= 3600, f"{where}: {nodes} whole nodes must be free at once; allow an hour"
+        run = _expected_run_s(cfg, cfg.cluster.workers, nodes)
+        want = math.ceil((pre + DEADLINE_MARGIN * run) / 3600) * 3600
+        assert active == want, (
+            f"{where}: activeDeadlineSeconds {active}, but {pre} s + {DEADLINE_MARGIN} x the expected "
+            f"{run:,.0f} s, rounded up to the hour, is {want}: a smaller value kills a healthy run, a larger one "
+            "holds hung GPUs longer")
+
+
+def _stream_slots_per_loader() -> int:
+    """Batch slots per DataLoader process, as data_shards/stream.py sizes its SlotPool."""
+    cls = next(n for n in ast.parse((REPO / "data_shards" / "stream.py").read_text()).body
+               if isinstance(n, ast.ClassDef) and n.name == "ShardStream")
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    prefetch = ast.literal_eval(dict(zip((a.arg for a in init.args.kwonlyargs), init.args.kw_defaults))["prefetch_factor"])
+    pools = [n for n in ast.walk(cls) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "SlotPool"]
+    assert len(pools) == 1, "data_shards/stream.py: expected one SlotPool(...) in ShardStream; update the /dev/shm budget"
+    slots = pools[0].args[1]
+    assert (isinstance(slots, ast.BinOp) and isinstance(slots.op, ast.Add) and isinstance(slots.left, ast.Attribute)
+            and slots.left.attr == "prefetch_factor" and isinstance(slots.right, ast.Constant)), (
+        f"data_shards/stream.py sizes its SlotPool with {ast.unparse(slots)}: update the /dev/shm budget")
+    return prefetch + slots.right.value
+
+
+def _streams_per_rank() -> int:
+    loop = (REPO / "trainer" / "loop.py").read_text()
+    assert "prefetch_factor" not in loop, "trainer/loop.py sets prefetch_factor: the /dev/shm budget assumes the default"
+    return len(re.findall(r"\bShardStream\(", loop))
+
+
+def _per_gpu_bytes(cfgs) -> tuple[int, int]:
+    """(DataLoader slots, host staging) per GPU, the largest over `cfgs`.
+
+    Slots: every rank keeps a train and a val stream alive (persistent workers), each with its
+    SlotPool. Staging: the batch being copied to the GPU and the next, as float32 [b, 3, S, S],
+    the larger of ShardStream's two outputs (it yields float by default).
+    """
+    from data_shards.handoff import SlotPool
+
+    slots, staging = 0, 0
+    for d in (c.data for c in cfgs):
+        if d.workers:
+            pool = SlotPool(d.workers, _stream_slots_per_loader(), d.batch_size, d.image_size, NUM_CLASSES)
+            slots = max(slots, _streams_per_rank() * pool.nbytes)
+        staging = max(staging, STAGED_BATCHES_PER_GPU * 4 * d.batch_size * 3 * d.image_size ** 2)
+    return slots, staging
+
+
+def _group_budget(tpl: dict[str, Any], params: dict[str, str], gpus: int, per_gpu: tuple[int, int], where: str) -> dict[str, int]:
+    vols = {v["name"]: v for v in tpl["spec"].get("volumes", [])}
+    mounts = {m["mountPath"]: m["name"] for m in _containers(tpl)[0].get("volumeMounts", [])}
+    assert "/dev/shm" in mounts, f"{where}: no /dev/shm volume: KubeRay's default is sized to the whole memory limit"
+    shm = vols[mounts["/dev/shm"]]["emptyDir"]
+    assert shm.get("medium") == "Memory" and "sizeLimit" in shm, f"{where}: /dev/shm must be a sized Memory emptyDir"
+    assert "object-store-memory" in params, f"{where}: unset, Ray's object store takes 95 % of /dev/shm"
+    store = int(params["object-store-memory"])
+    logs = vols.get(mounts.get("/tmp/ray", ""), {})
+    assert mounts.get("/tmp/ray") == "ray-logs" and "emptyDir" in logs, (
+        f"{where}: /tmp/ray must be the emptyDir KubeRay calls ray-logs (logs off the writable layer)")
+    assert logs["emptyDir"].get("medium", "") == "" and _quantity_bytes(logs["emptyDir"]["sizeLimit"]) >= store, (
+        f"{where}: /tmp/ray on disk, sized for at least the object store (spilled objects land there)")
+    limit = _containers(tpl)[0]["resources"]["limits"]["memory"]
+    assert _quantity_bytes(shm["sizeLimit"]) <= _quantity_bytes(limit) // 2, (
+        f"{where}: /dev/shm pages count against the memory limit {limit}; keep it at most half")
+    return {"limit": _quantity_bytes(shm["sizeLimit"]), "store": store, "loader": gpus * per_gpu[0],
+            "staging": gpus * per_gpu[1], "nccl": gpus * NCCL_SHM_PER_GPU}
+
+
+def _cluster_budgets(rc: dict[str, Any], per_gpu: tuple[int, int], where: str,
+                     shape: str) -> dict[str, tuple[str, dict[str, int]]]:
+    """group -> (pods x GPUs, budget) for a RayCluster spec with one worker group."""
+    head = rc["headGroupSpec"]
+    (w,) = rc["workerGroupSpecs"]
+    gpus = int(_containers(w["template"])[0]["resources"]["limits"]["nvidia.com/gpu"])
+    return {
+        "head": ("1 x 0", _group_budget(head["template"], head.get("rayStartParams", {}), 0, per_gpu, f"{where} head")),
+        "worker": (f"{shape} x {gpus}",
+                   _group_budget(w["template"], w.get("rayStartParams", {}), gpus, per_gpu, f"{where} worker")),
+    }
+
+
+def _budgets() -> dict[tuple[str, str], tuple[str, dict[str, int]]]:
+    """(build, group) -> (pods x GPUs, budget) for every overlay and the interactive cluster."""
+    from trainer.config import load_config
+
+    out = {}
+    for build, docs in _builds().items():
+        if build != "base":
+            job = next(d for d in docs if d["kind"] == "RayJob")
+            rc = job["spec"]["rayClusterSpec"]
+            per_gpu = _per_gpu_bytes([_entrypoint_config(job)[0]])
+            for group, v in _cluster_budgets(rc, per_gpu, build, str(rc["workerGroupSpecs"][0]["replicas"])).items():
+                out[(build, group)] = v
+    # the interactive cluster runs whatever is submitted: budget the largest OpenImages preset
+    presets = [load_config(p.stem) for p in sorted((REPO / "trainer" / "configs").glob("openimages-v6-*.yaml"))]
+    assert presets
+    rc = yaml.safe_load((K8S / "interactive" / "raycluster.yaml").read_text())["spec"]
+    w = rc["workerGroupSpecs"][0]
+    shape = f"{w['minReplicas']}-{w['maxReplicas']}"
+    for group, v in _cluster_budgets(rc, _per_gpu_bytes(presets), "interactive", shape).items():
+        out[("interactive", group)] = v
+    return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n else "0"
+
+
+def test_shared_memory_budget_fits_dev_shm_and_readme():
+    """Object store + DataLoader slots + host staging + NCCL <= 75 % of /dev/shm, per pod.
+
+    The DataLoader term is the slot pool's own size (`SlotPool.nbytes`): today it is an
+    anonymous shared mapping, not a /dev/shm file, but torch's hand-off, which a worker falls
+    back to when no slot is free, puts up to workers x prefetch_factor batches in /dev/shm; the
+    pool's size bounds that. Host staging (the batch being copied and the next) is pinned RAM,
+    not /dev/shm, and is counted so that a pinned loader would still fit.
+    """
+    budgets = _budgets()
+    rows = {}
+    for (build, group), (shape, b) in budgets.items():
+        total = b["store"] + b["loader"] + b["staging"] + b["nccl"]
+        assert total <= SHM_MAX_USE * b["limit"], (
+            f"{build} {group}: /dev/shm budget {total / GIB:.2f} GiB > {SHM_MAX_USE:.0%} of its {b['limit'] / GIB:.0f} GiB "
+            f"({ {k: round(v / GIB, 2) for k, v in b.items()} })")
+        assert b["store"] >= GIB, f"{build} {group}: an object store under 1 GiB spills Ray's own objects"
+        rows[(build, group)] = [shape, _gib(b["limit"]), _gib(b["store"]), _gib(b["loader"]), _gib(b["staging"]),
+                                _gib(b["nccl"]), _gib(total), f"{100 * total / b['limit']:.0f} %"]
+    readme = {}
+    for line in (CLUSTER / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 10 and (cells[0], cells[1]) in rows:
+            readme[(cells[0], cells[1])] = cells[2:]
+    assert readme == rows, f"cluster/README.md's /dev/shm table differs from the manifests: {rows}"
 
 
 def _entrypoint_config(job: dict[str, Any]):
