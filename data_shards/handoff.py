@@ -51,13 +51,18 @@ class SlotPool:
         self.slots = slots
         n = workers * slots
         image_bytes = n * batch_size * image_size * image_size * 3
-        self._region = mmap.mmap(-1, image_bytes + n * batch_size * num_classes)  # MAP_SHARED | MAP_ANONYMOUS
+        self._region = mmap.mmap(-1, self.size(workers, slots, batch_size, image_size, num_classes))  # MAP_SHARED | MAP_ANONYMOUS
         self.images = np.frombuffer(self._region, np.uint8, image_bytes).reshape(
             n, batch_size, image_size, image_size, 3)
         self.targets = np.frombuffer(self._region, np.int8, n * batch_size * num_classes, image_bytes).reshape(
             n, batch_size, num_classes)
         self.owner = mp.RawArray("q", n)
         self._lock = mp.get_context("fork").Lock()
+
+    @staticmethod
+    def size(workers: int, slots: int, batch_size: int, image_size: int, num_classes: int) -> int:
+        """Bytes the pool maps: uint8 images [n, b, S, S, 3] and int8 targets [n, b, C]."""
+        return workers * slots * batch_size * (image_size * image_size * 3 + num_classes)
 
     @property
     def nbytes(self) -> int:

@@ -77,6 +77,7 @@ from .storage import join, read_manifest
 
 __all__ = [
     "ShardStream",
+    "loader_shared_bytes",
     "CorruptSampleError",
     "ResumeError",
     "ShardReadError",
@@ -84,6 +85,17 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+SPARE_SLOTS = 2  # shared batch slots per loader worker beyond its prefetch: one being filled, one being read
+
+
+def loader_shared_bytes(num_workers: int, batch_size: int, image_size: int, num_classes: int,
+                        prefetch_factor: int = 2) -> int:
+    """Shared memory one stream maps for its batch slots (0 in-process): for sizing /dev/shm."""
+    if num_workers < 1:
+        return 0
+    return SlotPool.size(num_workers, prefetch_factor + SPARE_SLOTS, batch_size, image_size, num_classes)
+
 
 _PLAN_FIELDS = ("seed", "world_size", "batch_size", "num_workers", "shuffle", "shuffle_buffer", "samples", "shards")
 
@@ -386,7 +398,8 @@ class ShardStream:
         if self._loader is None:
             if nw and self._dataset.pool is None:
                 c = self._cfg
-                self._dataset.pool = SlotPool(nw, self.prefetch_factor + 2, c.batch_size, c.image_size, c.num_classes)
+                self._dataset.pool = SlotPool(nw, self.prefetch_factor + SPARE_SLOTS, c.batch_size, c.image_size,
+                                              c.num_classes)
             self._loader = DataLoader(
                 self._dataset, batch_size=None, num_workers=nw, persistent_workers=self.persistent_workers,
                 prefetch_factor=self.prefetch_factor if nw else None, pin_memory=False,
