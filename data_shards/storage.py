@@ -24,7 +24,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from .format import MANIFEST_NAME, Manifest, ManifestError, parse_manifest
+from .format import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_json, parse_manifest
 
 __all__ = [
     "is_remote",
@@ -36,6 +36,7 @@ __all__ = [
     "exists",
     "publish_file",
     "write_bytes_atomic",
+    "read_json",
     "read_manifest",
     "write_manifest",
     "remove",
@@ -136,6 +137,12 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, url)
+
+
+def read_json(url: str, what: str) -> Any:
+    """A small JSON file (a checkpoint's state, a run's snapshot) that may have been tampered
+    with: size, encoding and nesting guarded, errors (ValueError) name the file."""
+    return parse_json(read_bytes(url), redact(url), what, ValueError, MAX_MANIFEST_BYTES)
 
 
 def read_manifest(root: str) -> Manifest:

@@ -449,3 +449,19 @@ def test_training_completes_through_empty_batches(tmp_path):
     assert all(np.isfinite(ln["loss"]) for ln in steps)
     assert steps[-1]["skipped_samples"] == 24 and res["skipped_samples"] == 24
     assert json.loads(Path(run_dir, "eval.json").read_text())["skipped_samples"] == 24
+
+
+# -- 8. a tampered run folder: JSON state files are guarded like manifests ----------------
+
+
+def test_tampered_checkpoint_state_is_one_line_naming_the_file(tmp_path, capsys):
+    from trainer.config import Config
+    from trainer.models import build_model
+    from trainer.prior_pass import write_checkpoint
+
+    cfg = Config()
+    ckpt = str(tmp_path / "ckpt")
+    write_checkpoint(ckpt, build_model(cfg.model, C).state_dict(), cfg.model_dump(mode="json"), CLASSES)
+    Path(ckpt, "csl_state.json").write_bytes(b"[" * 100_000)
+    rc, _, err = cli(capsys, "export", "--checkpoint", ckpt, "--out", str(tmp_path / "m.safetensors"))
+    assert rc == 2 and "csl_state.json" in err and "nested too deeply" in err and "Traceback" not in err

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from data_shards.format import ClassInfo
-from data_shards.storage import get_fs, is_remote, read_bytes, read_manifest, write_bytes_atomic
+from data_shards.storage import get_fs, is_remote, read_bytes, read_json, read_manifest, write_bytes_atomic
 
 from .config import Config
 from .launch import resolve_checkpoint
@@ -66,8 +66,7 @@ def load_checkpoint(checkpoint: str, weights: Weights = "auto") -> LoadedModel:
 
     ckpt = resolve_checkpoint(checkpoint)
     with _local_copy(ckpt) as local:
-        with open(os.path.join(local, STATE_FILE)) as f:
-            state = json.load(f)
+        state = read_json(os.path.join(local, STATE_FILE), "the checkpoint state")
         cfg = Config.model_validate(state["config"])
         classes = [ClassInfo.model_validate(c) for c in state["classes"]]
         model = build_model(cfg.model.model_copy(update={"pretrained": None}), len(classes))

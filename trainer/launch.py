@@ -16,13 +16,12 @@ same endpoint and credentials as the data reader (e.g. a MinIO or the test serve
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
 from data_shards.partition import num_batches
-from data_shards.storage import exists, get_fs, is_remote, join, read_manifest, redact
+from data_shards.storage import exists, get_fs, is_remote, join, read_json, read_manifest, redact
 
 from .config import Config, ConfigError
 from .loop import MODEL_FILE, STATE_FILE
@@ -41,10 +40,8 @@ def run_dir_of(cfg: Config) -> str:
 
 def latest_checkpoint(run_dir: str) -> str | None:
     """The latest checkpoint Ray registered as complete in a run folder, or None."""
-    fs, path = get_fs(join(run_dir, SNAPSHOT))
     try:
-        with fs.open(path, "rb") as f:
-            snap = json.load(f)
+        snap = read_json(join(run_dir, SNAPSHOT), "Ray Train's checkpoint snapshot")
     except FileNotFoundError:
         return None
     latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
@@ -148,9 +145,7 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
     loading them into another world size would silently mix state. The consolidated weights
     in the checkpoint are the way to continue with another size, as a new run.
     """
-    fs, path = get_fs(join(checkpoint, STATE_FILE))
-    with fs.open(path, "rb") as f:
-        state = json.load(f)
+    state = read_json(join(checkpoint, STATE_FILE), "the checkpoint state")
     changed = _trajectory_changes(Config.model_validate(state["config"]), cfg)
     if changed:
         raise ValueError(

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from data_shards.storage import get_fs, is_remote, join, read_manifest, write_bytes_atomic
+from data_shards.storage import get_fs, is_remote, join, read_json, read_manifest, write_bytes_atomic
 
 from .config import Config
 from .priors import RunningPrior, write_priors
@@ -239,8 +239,7 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
     with hooks.restore_dir() as ckpt:
         if ckpt is not None:
             engine.load(ckpt, DS_TAG)
-            with open(os.path.join(ckpt, STATE_FILE)) as f:
-                state = json.load(f)
+            state = read_json(os.path.join(ckpt, STATE_FILE), "the checkpoint state")
             step = state["step"]
             stream.load_state_dict(state["stream"])
             if rank == 0 and state.get("running_prior"):  # the global sums; other ranks add theirs
