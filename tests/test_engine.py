@@ -158,6 +158,7 @@ def test_save_load_round_trip_is_exact(tmp_path, stage: int, precision: str) -> 
     a = _engine(cfg)
     _train(a, batches[:3])
     a.save(str(tmp_path), "step3", {"epoch": 1, "cursor": [3, 7]})
+    a.save_ema(str(tmp_path / "ema.safetensors"))  # the EMA is stored once, beside DeepSpeed's state
     saved = a.consolidated_state_dict()
     saved_ema = {k: v.clone() for k, v in a.ema.weights.items()}
     saved_lr = a.lr
@@ -165,7 +166,7 @@ def test_save_load_round_trip_is_exact(tmp_path, stage: int, precision: str) -> 
     after = a.consolidated_state_dict()
 
     b = _engine(cfg, seed=123)  # different initial weights: everything must come from the file
-    client = b.load(str(tmp_path), "step3")
+    client = b.load(str(tmp_path), "step3", ema_path=str(tmp_path / "ema.safetensors"))
     assert client == {"epoch": 1, "cursor": [3, 7]}
     assert b.global_step == 3 and b.lr == saved_lr
     assert b.ema.updates == 3
@@ -289,10 +290,11 @@ def _two_rank_worker(rank: int, port: int, stage: int, ckpt: str, queue) -> None
     a = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=2, total_steps=20)
     _train(a, _batches(4, seed=rank))  # each rank its own data: BN statistics differ
     a.save(ckpt, "t", {"rank": rank})
+    a.save_ema(os.path.join(ckpt, f"ema-{rank}.safetensors"))
     saved = a.consolidated_state_dict()
     torch.manual_seed(1)
     b = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=2, total_steps=20)
-    client = b.load(ckpt, "t")
+    client = b.load(ckpt, "t", ema_path=os.path.join(ckpt, f"ema-{rank}.safetensors"))
     restored = b.consolidated_state_dict()
     torch.save(saved, os.path.join(ckpt, f"consolidated-{rank}.pt"))  # tensors do not survive the queue
     queue.put((rank, client,

@@ -187,6 +187,8 @@ class TrainConfig(_Section):
 
 class CheckpointConfig(_Section):
     every_steps: StrictInt = Field(50, ge=0, description="0: only at the end of each epoch")
+    every_minutes: _Float = Field(0.0, ge=0, description="also when this many minutes passed since the last "
+                                  "checkpoint, by rank 0's clock at log steps (whichever comes first; 0: off)")
     keep: StrictInt = Field(2, ge=1)  # Ray's CheckpointConfig.num_to_keep >= 1
 
 

@@ -28,7 +28,8 @@ import numpy as np
 from data_shards.storage import read_manifest
 
 from .config import Config, load_config
-from .launch import ensure_ray, resolve_checkpoint, run_dir_of
+from .checkpoint import RUNNING_PRIOR_FILE, resolve_checkpoint
+from .launch import ensure_ray, run_dir_of
 from .metrics import spearman
 from .pipeline import stage_config, training_done
 
@@ -48,7 +49,6 @@ def _train(cfg: Config) -> dict[str, Any]:
 
 def _running_mean(cfg: Config, manifest, truth: np.ndarray) -> dict[str, float]:
     """The reference code's estimator: the mean of the Ignore model's training outputs."""
-    from .loop import RUNNING_PRIOR_FILE
     from .priors import read_priors
 
     path = os.path.join(resolve_checkpoint(run_dir_of(cfg)), RUNNING_PRIOR_FILE)

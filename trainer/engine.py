@@ -483,13 +483,14 @@ class Engine:
         self.sync_buffers()
         per_rank: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, dict(client_state or {}))
-        state: dict[str, Any] = {_CLIENT_KEY: per_rank}
-        if self.ema is not None:
-            state[_EMA_KEY] = self.ema.state_dict()
-        self._ds.save_checkpoint(ckpt_dir, tag=tag, client_state=state)
+        # The EMA is not in DeepSpeed's state: the caller stores it once, as safetensors
+        # (`save_ema`; trainer/checkpoint.py), and hands its path back to `load`.
+        self._ds.save_checkpoint(ckpt_dir, tag=tag, client_state={_CLIENT_KEY: per_rank})
 
-    def load(self, ckpt_dir: str, tag: str | None = None) -> dict[str, Any]:
-        """Collective: restores module, optimizer, LR schedule, step count and EMA.
+    def load(self, ckpt_dir: str, tag: str | None = None, ema_path: str | None = None) -> dict[str, Any]:
+        """Collective: restores module, optimizer, LR schedule, step count and the EMA (from
+        `ema_path`, the safetensors `save_ema` wrote; checkpoints of older versions kept it in
+        DeepSpeed's client state, which is read when there is no file).
 
         Returns the ``client_state`` this rank gave to ``save`` (``tag=None``: the latest
         tag). If the world size changed since, rank 0's is returned and every rank's is in
@@ -515,7 +516,9 @@ class Engine:
         state = state or {}
         ema_state = state.get(_EMA_KEY)
         if self.ema is not None:
-            if ema_state is None:
+            if ema_path is not None:
+                self.load_ema(ema_path)
+            elif ema_state is None:
                 log.warning("checkpoint %s has no EMA state: EMA restarts from the loaded weights", path)
                 with self._gathered():
                     self.ema.load_state_dict({"weights": dict(_named_tensors(self.module)), "updates": 0})

@@ -44,7 +44,8 @@ import numpy as np
 from data_shards.simulate import parse_scheme
 
 from .config import Config, load_config
-from .launch import ensure_ray, resolve_checkpoint, run_dir_of
+from .checkpoint import resolve_checkpoint
+from .launch import ensure_ray, run_dir_of
 from .pipeline import stage_config, training_done
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "default_schemes", "run_experiment", "summarise", "render_markdown"]

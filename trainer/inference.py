@@ -1,10 +1,9 @@
 """Using a checkpoint: evaluation, prediction and export, in one process.
 
-A checkpoint folder (see `loop.py`) holds DeepSpeed's sharded files (for resuming), plus
-`csl_state.json` (step, cursor, class list, resolved config), `model.safetensors` (the fp32
-master weights, consolidated from the ZeRO partitions when the checkpoint was taken) and
-`ema.safetensors`. Everything here reads only those three, so it needs neither DeepSpeed nor
-the world size the run had.
+What a checkpoint folder holds is `checkpoint.py`'s business; everything here reads its
+`csl_state.json` (step, class list, resolved config) and ONE weights file (`ema.safetensors` or
+the consolidated fp32 `model.safetensors`), by URL, local or s3://: never DeepSpeed's state,
+never the folder. So it needs neither DeepSpeed nor the world size the run had.
 
 `weights="ema"` (the default when the run kept an EMA) uses the averaged weights, which is what
 the papers evaluate; `weights="model"` the raw ones.
@@ -17,21 +16,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
 from data_shards.format import ClassInfo
-from data_shards.storage import get_fs, is_remote, read_bytes, read_json, read_manifest, write_bytes_atomic
+from data_shards.storage import read_bytes, read_manifest, write_bytes_atomic
 
+from .checkpoint import has_ema, read_state, read_weights, resolve_checkpoint
 from .config import Config
-from .launch import resolve_checkpoint
-from .loop import EMA_FILE, MODEL_FILE, STATE_FILE
 
 __all__ = ["LoadedModel", "load_checkpoint", "evaluate_checkpoint", "predict", "export_checkpoint"]
 
@@ -44,41 +38,18 @@ class LoadedModel:
         self.checkpoint, self.weights, self.step = checkpoint, weights, step
 
 
-@contextmanager
-def _local_copy(ckpt: str) -> Iterator[str]:
-    if not is_remote(ckpt):
-        yield ckpt
-        return
-    tmp = tempfile.mkdtemp(prefix="csl-ckpt-")
-    try:
-        fs, path = get_fs(ckpt)
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def load_checkpoint(checkpoint: str, weights: Weights = "auto") -> LoadedModel:
     """Rebuild the model of a run folder's latest complete checkpoint (or of one checkpoint)."""
-    from safetensors.torch import load_file
-
     from .models import build_model, channels_last
 
     ckpt = resolve_checkpoint(checkpoint)
-    with _local_copy(ckpt) as local:
-        state = read_json(os.path.join(local, STATE_FILE), "the checkpoint state")
-        cfg = Config.model_validate(state["config"])
-        classes = [ClassInfo.model_validate(c) for c in state["classes"]]
-        model = build_model(cfg.model.model_copy(update={"pretrained": None}), len(classes))
-        ema_path = os.path.join(local, EMA_FILE)
-        if weights == "auto":
-            weights = "ema" if os.path.exists(ema_path) else "model"
-        if weights == "ema":
-            if not os.path.exists(ema_path):
-                raise FileNotFoundError(f"{ckpt}: no EMA weights (the run had train.ema_decay=0); use weights=model")
-            sd = load_file(ema_path)
-        else:
-            sd = load_file(os.path.join(local, MODEL_FILE))
+    state = read_state(ckpt)
+    cfg = Config.model_validate(state["config"])
+    classes = [ClassInfo.model_validate(c) for c in state["classes"]]
+    model = build_model(cfg.model.model_copy(update={"pretrained": None}), len(classes))
+    if weights == "auto":
+        weights = "ema" if has_ema(ckpt) else "model"
+    sd = read_weights(ckpt, weights)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt}: weights do not fit model {cfg.model.name!r} (missing {missing[:3]}, unexpected {unexpected[:3]})")

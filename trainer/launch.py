@@ -21,44 +21,17 @@ import time
 from typing import Any
 
 from data_shards.partition import num_batches
-from data_shards.storage import exists, get_fs, is_remote, join, read_json, read_manifest, redact
+from data_shards.storage import exists, get_fs, is_remote, join, read_manifest, redact
 
+from .checkpoint import MODEL_FILE, latest_checkpoint, read_state
 from .config import Config, ConfigError
-from .loop import MODEL_FILE, STATE_FILE
 
-__all__ = ["run_dir_of", "latest_checkpoint", "launch", "resolve_checkpoint", "check_inputs", "check_resumable",
-           "ensure_ray"]
-
-
-SNAPSHOT = "checkpoint_manager_snapshot.json"
+__all__ = ["run_dir_of", "launch", "check_inputs", "check_resumable", "ensure_ray"]
 
 
 def run_dir_of(cfg: Config) -> str:
     storage = cfg.run.storage if is_remote(cfg.run.storage) else os.path.abspath(cfg.run.storage)
     return join(storage, cfg.run.name)
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The latest checkpoint Ray registered as complete in a run folder, or None."""
-    try:
-        snap = read_json(join(run_dir, SNAPSHOT), "Ray Train's checkpoint snapshot")
-    except FileNotFoundError:
-        return None
-    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    return join(run_dir, latest) if latest else None
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A run folder (its latest complete checkpoint) or one checkpoint folder."""
-    fs, p = get_fs(path)
-    if not fs.exists(p):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if fs.exists(join(p, STATE_FILE)):
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint folder (no {STATE_FILE}) nor a run folder with a complete checkpoint")
-    return latest
 
 
 def _storage_for_ray(run_storage: str) -> tuple[str, Any]:
@@ -145,7 +118,7 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
     loading them into another world size would silently mix state. The consolidated weights
     in the checkpoint are the way to continue with another size, as a new run.
     """
-    state = read_json(join(checkpoint, STATE_FILE), "the checkpoint state")
+    state = read_state(checkpoint)
     changed = _trajectory_changes(Config.model_validate(state["config"]), cfg)
     if changed:
         raise ValueError(

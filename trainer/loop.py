@@ -3,8 +3,9 @@
 Shape (torchtitan's): `train_loop_per_worker` is the Ray glue; `run_training` is the loop and
 takes its Ray calls through a small `Hooks` object, so it also runs in a plain process.
 
-Exactness. A checkpoint holds, besides DeepSpeed's model/optimizer/scheduler state: the optimizer
-step, the epoch, the stream cursor (epoch, batches consumed) and the EMA weights. The stream
+Exactness. A checkpoint (layout, writing and reading: `checkpoint.py`) holds, besides
+DeepSpeed's model/optimizer/scheduler state: the optimizer step, the epoch, the stream cursor
+(epoch, batches consumed) and the EMA weights. The stream
 cursor is rank-independent (every rank yields the same number of batches), so rank 0's copy is
 valid for all ranks. Flips are a function of (seed, epoch, sample), so a resumed run consumes
 the same pixels in the same order and, with gloo's fixed reduction order, reaches the same
@@ -38,18 +39,15 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from data_shards.storage import get_fs, is_remote, join, read_json, read_manifest, write_bytes_atomic
+from data_shards.storage import get_fs, is_remote, join, read_manifest, write_bytes_atomic
 
+from .checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE  # noqa: F401  TEMP: prior_pass still imports them from here
+from .checkpoint import RUNNING_PRIOR_FILE, checkpoint_name, restore_checkpoint, save_checkpoint
 from .config import Config
 from .priors import RunningPrior, write_priors
 
 __all__ = ["Hooks", "run_training", "train_loop_per_worker", "evaluate"]
 
-STATE_FILE = "csl_state.json"
-EMA_FILE = "ema.safetensors"
-MODEL_FILE = "model.safetensors"
-RUNNING_PRIOR_FILE = "running_prior.csv"
-DS_TAG = "ds"
 
 
 @dataclass
@@ -190,14 +188,16 @@ def _gather_map(acc, world_size: int) -> dict[str, float]:
     return {"map_c": float(res["map_c"]), "map_o": float(res["map_o"]), "num_valid": int(res["num_valid"])}
 
 
-def _skipped_total(stream, device: torch.device, world_size: int) -> int:
-    """Samples skipped as corrupt so far, summed over ranks (a collective: call at log steps)."""
-    n = torch.tensor([stream.corrupt_samples], dtype=torch.int64, device=device)
+def _log_sync(stream, device: torch.device, world_size: int, rank: int, due: bool = False) -> tuple[int, bool]:
+    """(samples skipped as corrupt so far, summed over ranks; rank 0's `due`), in one collective
+    at log steps: every rank then decides a time-based checkpoint by rank 0's clock alone."""
+    n = torch.tensor([stream.corrupt_samples, int(due and rank == 0)], dtype=torch.int64, device=device)
     if world_size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(n)
-    return int(n.item())
+    skipped, due_all = n.tolist()
+    return skipped, bool(due_all)
 
 
 def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: Hooks) -> dict[str, Any]:
@@ -238,15 +238,12 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
     step = 0
     with hooks.restore_dir() as ckpt:
         if ckpt is not None:
-            engine.load(ckpt, DS_TAG)
-            state = read_json(os.path.join(ckpt, STATE_FILE), "the checkpoint state")
+            state = restore_checkpoint(engine, ckpt)
             step = state["step"]
             stream.load_state_dict(state["stream"])
             if rank == 0 and state.get("running_prior"):  # the global sums; other ranks add theirs
                 rp = state["running_prior"]
                 running.load_state_dict({"acc": torch.tensor(rp["acc"]), "count": rp["count"], "weight": 0.0, "decay": None})
-            if os.path.exists(os.path.join(ckpt, EMA_FILE)):
-                engine.load_ema(os.path.join(ckpt, EMA_FILE))
             if rank == 0:
                 print(f"[rank 0] resumed at step {step}: epoch {stream.epoch}, batch {state['stream']['batch']}", flush=True)
     # The cursor knows where we are: a checkpoint that closed epoch e resumes at (e + 1, 0).
@@ -262,28 +259,20 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
     def checkpoint(metrics: dict[str, Any]) -> None:
         local = tempfile.mkdtemp(prefix=f"csl-ckpt-{rank}-")
         try:
-            engine.save(local, DS_TAG)
-            # fp32 master weights gathered from the ZeRO partitions (collective): eval, predict
-            # and export then read one safetensors file and never need DeepSpeed.
-            full = engine.consolidated_state_dict()
             total = RunningPrior(num_classes, device=device)
             total.load_state_dict(running.state_dict())
             total.all_reduce()  # collective
+            state = None
             if rank == 0:
-                from safetensors.torch import save_file
-
-                save_file(full, os.path.join(local, MODEL_FILE))
                 if total.count:
                     write_priors(os.path.join(local, RUNNING_PRIOR_FILE), manifest, total.value().cpu().numpy())
                 state = {"step": step, "stream": stream.state_dict(), "world_size": world_size,
                          "running_prior": {"acc": total.acc.tolist(), "count": total.count},
                          "classes": [c.model_dump() for c in manifest.classes], "config": cfg.model_dump(mode="json")}
-                write_bytes_atomic(os.path.join(local, STATE_FILE), json.dumps(state).encode())
-                if engine.ema_module() is not None:
-                    engine.save_ema(os.path.join(local, EMA_FILE))
                 assert log is not None
                 log.flush()
-            hooks.report({**metrics, "step": step, "epoch": epoch}, local, f"checkpoint_{step:08d}")
+            save_checkpoint(engine, local, rank, state)  # collective
+            hooks.report({**metrics, "step": step, "epoch": epoch}, local, checkpoint_name(step))
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
@@ -293,6 +282,9 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
     t_log, samples_since = time.perf_counter(), 0
     t_start, start_step = t_log, step
     last_ckpt_step = step
+    # Time-based checkpoints: rank 0's clock, shared at log steps (see _log_sync), so every
+    # rank reaches the collective save and the report barrier at the same step.
+    every_s, t_ckpt, time_due = cfg.checkpoint.every_minutes * 60, t_log, False
     last_eval: dict[str, Any] = {}
     done = step >= total_steps
     micro = 0
@@ -323,9 +315,11 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
             if step % cfg.train.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 rate = samples_since * world_size / max(now - t_log, 1e-9)
+                skipped, time_due = _log_sync(stream, device, world_size, rank,
+                                              every_s > 0 and now - t_ckpt >= every_s)
                 rec = {"step": step, "time": round(time.time(), 3), "epoch": epoch, "epoch_progress": round((stream.state_dict()["batch"] or len(stream)) / len(stream), 4),
                        "loss": float(loss_sum.item()) / max(loss_count, 1), "lr": float(engine.lr),
-                       "samples_per_s": round(rate, 2), "skipped_samples": _skipped_total(stream, device, world_size)}
+                       "samples_per_s": round(rate, 2), "skipped_samples": skipped}
                 loss_sum.zero_()
                 loss_count, samples_since, t_log = 0, 0, now
                 if log is not None:
@@ -334,21 +328,23 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                     skipped = f" | {rec['skipped_samples']} corrupt samples skipped" if rec["skipped_samples"] else ""
                     print(f"step {step}/{total_steps} | epoch {epoch} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
                           f"{rate:.0f} samples/s | ETA {eta / 60:.1f} min{skipped}", flush=True)
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total_steps:
+            step_due = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
+            if (step_due or time_due) and step < total_steps:
                 checkpoint({"loss": None})
-                last_ckpt_step = step
+                last_ckpt_step, t_ckpt = step, time.perf_counter()
+            time_due = False
             if step >= total_steps:
                 done = True
                 break
         last_eval = _validate(engine, val_stream, world_size, device, dtype)
-        skipped = _skipped_total(stream, device, world_size)
+        skipped, _ = _log_sync(stream, device, world_size, rank)
         if log is not None:
             log.write({"step": step, "time": round(time.time(), 3), "epoch": epoch,
                        **{f"val_{k}": v for k, v in last_eval.items()}, "skipped_samples": skipped})
         last_eval["skipped_samples"] = skipped
         if step > last_ckpt_step or done:
             checkpoint(last_eval)
-            last_ckpt_step = step
+            last_ckpt_step, t_ckpt = step, time.perf_counter()
         if not done:
             epoch += 1
     if log is not None:

@@ -27,7 +27,8 @@ from typing import Any
 from data_shards.storage import exists, join, read_bytes, write_bytes_atomic
 
 from .config import Config
-from .launch import launch, resolve_checkpoint, run_dir_of
+from .checkpoint import resolve_checkpoint
+from .launch import launch, run_dir_of
 
 __all__ = ["stage_config", "training_done", "run_pipeline"]
 

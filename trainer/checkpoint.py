@@ -1,0 +1,135 @@
+"""The checkpoint layout: what a checkpoint folder holds, how it is written, found and read.
+
+A run folder `{run.storage}/{run.name}` (local or s3://) holds Ray Train's bookkeeping
+(`checkpoint_manager_snapshot.json`, naming the latest checkpoint it registered as complete,
+i.e. once every rank reported) and checkpoint folders `checkpoint_{step:08d}/`:
+
+| file | written by | read by | bytes/param |
+|---|---|---|---|
+| `ds/...` | every rank (DeepSpeed: module + per-rank optimizer state) | resume only | 12 fp32, 14 bf16 |
+| `ema.safetensors` | rank 0, fp32, when `train.ema_decay > 0`: the EMA, stored once | resume, readers | 4 |
+| `model.safetensors` | rank 0: fp32 master weights consolidated from the ZeRO partitions | readers | 4 |
+| `csl_state.json` | rank 0: step, stream cursor, world size, running-prior sums, classes, config | all | - |
+| `running_prior.csv` | rank 0: the reference code's running prior (comparison only) | prior pass | - |
+
+Readers (eval, predict, export, the prior pass's actors) fetch `csl_state.json` and the ONE
+weights file they use, by URL: never the folder, never DeepSpeed's state. A reader of a bf16
+run's checkpoint thus reads 4 of its 22 bytes per parameter; at 9,600 classes with TResNet-M
+(53 M parameters) that is ~213 MB per reader, which matters when 88 prior-pass actors start.
+
+Why the fp32 `model.safetensors` stays beside the EMA: the masters live partitioned across the
+ranks' optimizer files; consolidating them at save time is the only way a reader gets the raw
+model from one file, for 4 bytes per parameter per checkpoint.
+
+Why DeepSpeed's folder is written locally, then reported: `save_checkpoint` is collective and
+writes per-rank files; `ray.train.report(checkpoint=...)` uploads every rank's files into one
+folder and registers it only after all ranks reported, so a partial checkpoint is never
+resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from data_shards.storage import exists, get_fs, join, read_bytes, read_json, write_bytes_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DS_TAG",
+    "EMA_FILE",
+    "MODEL_FILE",
+    "RUNNING_PRIOR_FILE",
+    "SNAPSHOT",
+    "STATE_FILE",
+    "checkpoint_name",
+    "has_ema",
+    "latest_checkpoint",
+    "read_state",
+    "read_weights",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "restore_checkpoint",
+]
+
+STATE_FILE = "csl_state.json"
+EMA_FILE = "ema.safetensors"
+MODEL_FILE = "model.safetensors"
+RUNNING_PRIOR_FILE = "running_prior.csv"
+DS_TAG = "ds"
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The latest checkpoint Ray registered as complete in a run folder, or None."""
+    try:
+        snap = read_json(join(run_dir, SNAPSHOT), "Ray Train's checkpoint snapshot")
+    except FileNotFoundError:
+        return None
+    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    return join(run_dir, latest) if latest else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run folder (its latest complete checkpoint) or one checkpoint folder."""
+    fs, p = get_fs(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if fs.exists(join(p, STATE_FILE)):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint folder (no {STATE_FILE}) nor a run folder with a complete checkpoint")
+    return latest
+
+
+def read_state(ckpt: str) -> dict[str, Any]:
+    """A checkpoint's `csl_state.json` (one small read)."""
+    return read_json(join(ckpt, STATE_FILE), "the checkpoint state")
+
+
+def has_ema(ckpt: str) -> bool:
+    return exists(join(ckpt, EMA_FILE))
+
+
+def read_weights(ckpt: str, weights: str) -> dict[str, torch.Tensor]:
+    """The EMA ("ema") or raw fp32 ("model") weights of a checkpoint: one file, one read."""
+    from safetensors.torch import load
+
+    name = {"ema": EMA_FILE, "model": MODEL_FILE}[weights]
+    try:
+        return load(read_bytes(join(ckpt, name)))
+    except FileNotFoundError:
+        if weights == "ema":
+            raise FileNotFoundError(f"{ckpt}: no EMA weights (the run had train.ema_decay=0); use weights=model") from None
+        raise FileNotFoundError(f"{ckpt}: {MODEL_FILE} is missing") from None
+
+
+def save_checkpoint(engine: Any, local_dir: str, rank: int, state: dict[str, Any] | None) -> None:
+    """Collective: every rank writes its DeepSpeed files into `local_dir`; rank 0 adds the EMA,
+    the consolidated weights and, last, `csl_state.json` (`state`, rank 0's)."""
+    engine.save(local_dir, DS_TAG)
+    full = engine.consolidated_state_dict()  # collective: gathers ZeRO partitions
+    if rank != 0:
+        return
+    from safetensors.torch import save_file
+
+    assert state is not None, "rank 0 writes the state file"
+    save_file(full, os.path.join(local_dir, MODEL_FILE))
+    if engine.ema_module() is not None:
+        engine.save_ema(os.path.join(local_dir, EMA_FILE))
+    write_bytes_atomic(os.path.join(local_dir, STATE_FILE), json.dumps(state).encode())
+
+
+def restore_checkpoint(engine: Any, local_dir: str) -> dict[str, Any]:
+    """Collective: DeepSpeed state and the EMA back into `engine`; returns `csl_state.json`."""
+    ema = os.path.join(local_dir, EMA_FILE)
+    engine.load(local_dir, DS_TAG, ema_path=ema if os.path.exists(ema) else None)
+    return read_state(local_dir)
