@@ -1,5 +1,6 @@
-"""Label priors: the CSV formats, the online RunningPrior, the driver's reduction, and the Ray
-prior pass against a single-process reference (paper 1 eq. 10: the mean sigmoid output).
+"""Label priors: the CSV formats, the online RunningPrior, the driver's reduction, the per-shard
+records, and the Ray prior pass against a single-process reference (paper 1 eq. 10: the mean
+sigmoid output), killed and rerun, with a shard that never reads, and with stale records.
 
 The integration tests build a checkpoint folder by hand (untrained small-cnn, fixed seed, in
 the layout loop.py writes): the pass's arithmetic does not care whether the weights are good.
@@ -10,17 +11,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from data_shards.format import ClassInfo, Manifest, Record
+from data_shards.format import ClassInfo, Manifest, Record, ShardInfo
 from data_shards.storage import read_manifest
 from trainer.prior_pass import PriorReduction, output_paths, shard_sums, write_checkpoint
+from trainer.prior_records import (ShardRecord, decode_record, encode_record, file_stamp, identity_digest, iter_records,
+                                   open_records, pass_identity, record_url, records_dir, remove_records)
 from trainer.priors import RunningPrior, read_priors, write_priors
 
 CSL = str(Path(sys.executable).with_name("csl"))
@@ -107,6 +112,112 @@ def test_reduction_sums_in_float64_and_checks_every_shard_once():
     short.add(1, np.zeros(2), 2, 0)
     with pytest.raises(RuntimeError, match="1 shards never reported"):
         short.finish()
+
+
+def test_reduction_counts_reused_shards_once_and_names_failures():
+    red = PriorReduction([3, 2, 4], 2)
+    red.add(2, np.array([1.0, 1.0]), 4, 0, np.array([1, 1]), reused=True)
+    with pytest.raises(RuntimeError, match="counted twice"):
+        red.add(2, np.array([1.0, 1.0]), 4, 0, np.array([1, 1]))  # a streamed row for a reused shard
+    red.add(0, np.array([1.0, 2.0]), 3, 0, np.array([0, 1]))
+    red.fail(1, "shard 1 (x/train-000001.tar) failed 3 times: ShardReadError: gone")
+    assert (red.reused_shards, red.reused_samples, red.failed) == (1, 4, 1)
+    with pytest.raises(RuntimeError, match=r"1 of 3 shards failed: shard 1 \(x/train-000001.tar\)"):
+        red.finish()
+
+
+# ---------------------------------------------------------------------------------------
+# per-shard records (no Ray)
+
+
+def _shards(n: int = 3, samples: int = 3) -> list[ShardInfo]:
+    return [ShardInfo(path=f"train/train-{i:06d}.tar", samples=samples, bytes=10, sha256=f"{i:064x}") for i in range(n)]
+
+
+def _identity(**change) -> dict:
+    shards = _shards()
+    kw = dict(checkpoint="/runs/a/checkpoint_00000010", weights="ema", weights_file={"size": 1, "modified": "1.0"},
+              split="train", shards=shards, image_size=32, class_ids=["a", "b"])
+    return pass_identity(**{**kw, **change})
+
+
+def test_record_round_trip_and_what_is_refused():
+    rec = ShardRecord(1, np.array([0.5, 2.25]), np.array([0, 3], dtype=np.int64), 3, 0)
+    data = encode_record(rec, "d1")
+    back = decode_record(data, "r", digest="d1", num_classes=2, shard_samples=[3, 3])
+    assert (back.shard, back.count, back.corrupt) == (1, 3, 0) and back.sum.tolist() == [0.5, 2.25]
+    with pytest.raises(ValueError, match="another pass"):
+        decode_record(data, "r", digest="d2", num_classes=2, shard_samples=[3, 3])
+    with pytest.raises(ValueError, match="does not match the manifest"):
+        decode_record(data, "r", digest="d1", num_classes=2, shard_samples=[3, 4])
+    with pytest.raises(ValueError, match=r"expected float64/int64 \(3,\)"):
+        decode_record(data, "r", digest="d1", num_classes=3, shard_samples=[3, 3])
+    import io
+
+    buf = io.BytesIO()  # an object array needs pickle to load: refused, never unpickled
+    np.savez(buf, sum=np.array([{"x": 1}], dtype=object), pos=np.zeros(2, np.int64), shard=1, count=3, corrupt=0, identity="d1")
+    with pytest.raises(ValueError, match="not a prior-pass record"):
+        decode_record(buf.getvalue(), "r", digest="d1", num_classes=2, shard_samples=[3, 3])
+
+
+def test_records_folder_refuses_another_pass_and_skips_bad_records(tmp_path):
+    folder = records_dir(str(tmp_path / "priors.csv"))
+    assert folder.endswith("priors.shards")
+    ident = _identity()
+    open_records(folder, ident)
+    open_records(folder, _identity())  # the same pass again: fine
+    digest = identity_digest(ident)
+
+    def rec(i: int) -> ShardRecord:
+        return ShardRecord(i, np.array([1.0, 0.0]), np.array([1, 0], dtype=np.int64), 2, 1)
+
+    Path(record_url(folder, 0)).write_bytes(encode_record(rec(0), digest))
+    Path(record_url(folder, 2)).write_bytes(encode_record(rec(2), "another pass"))
+    Path(folder, "shard-000001.npz").write_bytes(b"PK\x03\x04 cut short")
+    Path(folder, "shard-0000000.npz").write_bytes(encode_record(rec(0), digest))  # not the canonical name
+    Path(folder, ".shard-000001.npz.tmp-1234abcd").write_bytes(b"")  # a write a kill interrupted
+    got = list(iter_records(folder, digest=digest, num_classes=2, shard_samples=[3, 3, 3], chunk=2))
+    assert [r.shard for r in got] == [0]
+
+    with pytest.raises(ValueError) as e:
+        open_records(folder, _identity(weights="model", weights_file={"size": 1, "modified": "2.0"}))
+    msg = str(e.value)
+    assert "\n" not in msg and "weights 'ema' -> 'model'" in msg and "weights_file" in msg and "--fresh" in msg
+    assert "checkpoint" not in msg.split("(", 1)[1] and "split" not in msg
+    with pytest.raises(ValueError, match="shard_list_sha256"):  # another dataset or split
+        open_records(folder, _identity(shards=_shards(samples=4)))
+    open_records(folder, _identity(image_size=64), fresh=True)  # discards the old pass, starts this one
+    assert sorted(os.listdir(folder)) == ["identity.json"]
+
+
+def test_records_on_s3_write_list_fold_and_remove(s3_bucket):
+    from data_shards.storage import exists, write_bytes_atomic
+
+    folder = records_dir(f"{s3_bucket}/priors/priors.csv")
+    ident = _identity()
+    open_records(folder, ident)
+    digest = identity_digest(ident)
+    for i in (2, 0):
+        write_bytes_atomic(record_url(folder, i), encode_record(
+            ShardRecord(i, np.array([1.0, 0.5 * i]), np.array([1, i], dtype=np.int64), 3, 0), digest))
+    got = list(iter_records(folder, digest=digest, num_classes=2, shard_samples=[3, 3, 3], chunk=2))
+    assert [r.shard for r in got] == [0, 2] and got[1].sum.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="class_ids_sha256"):
+        open_records(folder, _identity(class_ids=["a", "c"]))
+    stamp = file_stamp(record_url(folder, 0))
+    assert stamp["size"] > 0 and stamp["modified"] not in ("", "None")
+    remove_records(folder)
+    assert not exists(record_url(folder, 0)) and not exists(f"{folder}/identity.json")
+    assert list(iter_records(folder, digest=digest, num_classes=2, shard_samples=[3, 3, 3])) == []
+
+
+def test_file_stamp_changes_when_a_file_is_rewritten(tmp_path):
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"1234")
+    a = file_stamp(str(f))
+    time.sleep(0.01)
+    f.write_bytes(b"5678")
+    assert a["size"] == 4 and file_stamp(str(f)) != a
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,3 +361,130 @@ def test_driver_memory_does_not_grow_with_samples(tmp_path, ray_cluster):
         assert summary["weights"] == "model" and summary["samples"] == m.split(split).samples
         peak[split] = summary["driver_peak_rss_mb"]
     assert peak["train"] - peak["small"] < 50, f"driver peak RSS grew from {peak['small']} MB to {peak['train']} MB"
+
+
+# ---------------------------------------------------------------------------------------
+# resumable and fault tolerant
+
+
+@pytest.fixture(scope="module")
+def twelve(tmp_path_factory):
+    """12 shards of 40 tiny images: scored one image per call by one actor, a shard takes a
+    few tenths of a second, long enough to kill a pass between its 2nd and its 12th record."""
+    from data_shards.sources.synthetic import build_synthetic
+
+    base = tmp_path_factory.mktemp("prior12")
+    m = build_synthetic(str(base / "data"), train=480, val=8, image_size=32, shard_samples=40, seed=2, progress=False)
+    cfg, model, ema = _models(m.num_classes, 32)
+    ckpt = write_checkpoint(str(base / "ckpt"), model.state_dict(), cfg.model_dump(mode="json"), m.classes,
+                            ema_state_dict=ema.state_dict())
+    return {"root": str(base / "data"), "ckpt": ckpt, "manifest": m, "base": base}
+
+
+def _records(folder: str) -> list[str]:
+    return sorted(p.name for p in Path(folder).glob("shard-*.npz")) if os.path.isdir(folder) else []
+
+
+@pytest.mark.integration
+def test_prior_pass_killed_midway_resumes_with_the_same_priors(twelve, ray_cluster):
+    from trainer.prior_pass import estimate_priors
+
+    m, base = twelve["manifest"], twelve["base"]
+    n_shards, total = len(m.split("train").shards), m.split("train").samples
+    whole = estimate_priors(twelve["ckpt"], twelve["root"], str(base / "whole" / "priors.csv"), actors=2, batch_size=1,
+                            progress=False)
+    assert whole["reused_shards"] == 0 and whole["shards"] == n_shards == 12
+
+    out = str(base / "killed" / "priors.csv")
+    folder = records_dir(out)
+    p = subprocess.Popen([CSL, "prior", "--checkpoint", twelve["ckpt"], "--data", twelve["root"], "--out", out,
+                          "--actors", "1", "--batch-size", "1", "--no-progress"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "RAY_ADDRESS": ray_cluster})
+    deadline = time.monotonic() + 240
+    try:
+        while len(_records(folder)) < 2:
+            assert p.poll() is None, f"the pass ended before it could be killed: {p.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no 2 shard records within 240 s"
+            time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.kill()
+        p.wait()
+    assert not Path(out).exists() and 2 <= len(_records(folder)) < n_shards
+
+    res = estimate_priors(twelve["ckpt"], twelve["root"], out, actors=2, batch_size=1, progress=False)
+    assert 2 <= res["reused_shards"] < n_shards, res["reused_shards"]
+    assert res["samples"] + res["corrupt"] == total == whole["samples"] + whole["corrupt"]
+    assert 0 < res["reused_samples"] < total
+    assert json.loads(Path(res["outputs"]["json"]).read_text())["reused_shards"] == res["reused_shards"]
+    np.testing.assert_allclose(read_priors(out, m), read_priors(whole["outputs"]["csv"], m), rtol=0, atol=1e-6)
+    assert not os.path.exists(folder)  # the outputs hold the result; the records are gone
+
+
+@pytest.mark.integration
+def test_a_shard_that_never_reads_is_named_and_the_others_are_kept(tiny, ray_cluster, tmp_path):
+    from trainer.prior_pass import estimate_priors
+
+    m = tiny["manifest"]
+    root = str(tmp_path / "data")
+    shutil.copytree(tiny["root"], root)
+    bad = m.split("train").shards[3].path
+    os.rename(os.path.join(root, bad), str(tmp_path / "aside.tar"))  # listed in the manifest, gone from storage
+    out = str(tmp_path / "out" / "priors.csv")
+    with pytest.raises(RuntimeError) as e:
+        estimate_priors(tiny["ckpt"], root, out, actors=2, batch_size=16, progress=False, shard_retries=1)
+    msg = str(e.value)
+    assert f"1 of 7 shards failed: shard 3 ({os.path.join(root, bad)}) failed 2 times: ShardReadError" in msg, msg
+    assert "6 finished shards are kept" in msg and "rerun" in msg
+    folder = records_dir(out)
+    assert _records(folder) == [f"shard-{i:06d}.npz" for i in range(7) if i != 3]
+    assert not Path(out).exists()
+
+    os.rename(str(tmp_path / "aside.tar"), os.path.join(root, bad))
+    res = estimate_priors(tiny["ckpt"], root, out, actors=2, batch_size=16, progress=False)
+    assert (res["reused_shards"], res["samples"], res["corrupt"], res["actors"]) == (6, 200, 0, 1)
+    ref, _ = _reference_mean(tiny["ema"], root, m, "train", 32)
+    np.testing.assert_allclose(read_priors(out, m), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_stale_records_are_refused_and_fresh_discards_them(tiny, ray_cluster, tmp_path):
+    """Records of a pass with the EMA weights of checkpoint A (shard 0 done, written as an actor
+    would) must not be folded into a pass with other weights, another checkpoint, or A rewritten."""
+    from trainer.prior_pass import estimate_priors
+
+    m = tiny["manifest"]
+    ckpt = shutil.copytree(tiny["ckpt"], str(tmp_path / "ckpt_a"))
+    out = str(tmp_path / "out" / "priors.csv")
+    folder = records_dir(out)
+    shards = m.split("train").shards
+    ident = pass_identity(checkpoint=ckpt, weights="ema", weights_file=file_stamp(os.path.join(ckpt, "ema.safetensors")),
+                          split="train", shards=shards, image_size=32, class_ids=[c.id for c in m.classes])
+    open_records(folder, ident)
+    r = shard_sums(tiny["ema"], os.path.join(tiny["root"], shards[0].path), shards[0].samples, image_size=32,
+                   num_classes=m.num_classes, batch_size=16)
+    Path(record_url(folder, 0)).write_bytes(encode_record(ShardRecord(0, r["sum"], r["pos"], r["count"], r["corrupt"]),
+                                                          identity_digest(ident)))
+
+    def refused(ck: str, weights: str = "auto") -> str:
+        with pytest.raises(ValueError) as e:
+            estimate_priors(ck, tiny["root"], out, weights=weights, progress=False)
+        assert "--fresh" in str(e.value) and "\n" not in str(e.value)
+        return str(e.value).split(" (", 1)[1]  # the changed fields (the folder's path may say anything)
+
+    # each message names what changed and nothing else: the hand-made identity is the pass's own
+    changed = refused(ckpt, "model")
+    assert "weights 'ema' -> 'model'" in changed and "checkpoint" not in changed and "split" not in changed
+    other = shutil.copytree(ckpt, str(tmp_path / "ckpt_b"))
+    assert "checkpoint " in refused(other)
+    cfg, model, _ = _models(m.num_classes, 32)
+    write_checkpoint(ckpt, model.state_dict(), cfg.model_dump(mode="json"), m.classes, ema_state_dict=model.state_dict())
+    changed = refused(ckpt)  # A rewritten in place: same path, same weights choice, other bytes
+    assert changed.startswith("weights_file ") and "checkpoint" not in changed
+    assert _records(folder) == ["shard-000000.npz"]  # a refusal deletes nothing
+
+    res = estimate_priors(ckpt, tiny["root"], out, actors=2, batch_size=16, progress=False, fresh=True)
+    assert res["reused_shards"] == 0 and res["samples"] == 200
+    ref, _ = _reference_mean(model, tiny["root"], m, "train", 32)  # the new weights', not the stale record's
+    np.testing.assert_allclose(read_priors(out, m), ref, rtol=0, atol=1e-5)

@@ -29,17 +29,26 @@ short) are skipped as training skips them, counted and reported; the prior is th
 the samples the model actually scored. There is no splitting mode that drops a tail: the
 `batch_size` only groups samples for the model, the last short batch included.
 
+Resumable, fault tolerant. Each actor publishes a finished shard's row as a record under
+`<out stem>.shards/`; a rerun folds those and scores only the other shards (`prior_records`:
+layout, the identity that keeps other passes' records out, why the folder goes at the end),
+with the same exactly-once checks. An OSError on a shard (ShardReadError after the reader's own
+retries, a failed record upload) is retried SHARD_RETRIES times with back-off in the actor,
+then comes back as an error row; after the stream the driver raises naming the failed shards,
+every other shard's record kept. The progress bar's rate and ETA count this run's samples.
+
 Weights: "auto" uses the EMA weights when the checkpoint has them (what eval uses, and what the
 papers evaluate), else the raw model; priors.json says which.
 
-Outputs (beside `--out`, atomically, local or fsspec URL): `<stem>.csv` (`class_id,name,prior`,
-read back by `read_priors`), `<stem>.json` (estimates, Spearman correlations as in paper 1
-sec. 5.2 / Fig. 7, the top-20), `<stem>.png` (the top-20 as in Fig. 5, with annotation frequency
-and, where known, the truth for the same classes). Two other estimators sit beside the model's
-in priors.json for comparison: annotation frequency (positive annotations / N, counted in this
-pass over the same samples; the naive estimate that annotation bias breaks) and, when the
-checkpoint folder has a `running_prior.csv`, the reference code's running mean over training
-outputs (`priors.RunningPrior`).
+Outputs (beside `--out`, atomically, local or fsspec URL, the CSV last): `<stem>.csv`
+(`class_id,name,prior`, read back by `read_priors`), `<stem>.json` (estimates, Spearman
+correlations as in paper 1 sec. 5.2 / Fig. 7, the top-20, shards reused), `<stem>.png` (the
+top-20 as in Fig. 5, with annotation frequency and, where known, the truth for the same
+classes). Two other estimators sit beside the model's in priors.json for comparison:
+annotation frequency (positive annotations / N, counted in this pass over the same samples;
+the naive estimate that annotation bias breaks) and, when the checkpoint folder has a
+`running_prior.csv`, the reference code's running mean over training outputs
+(`priors.RunningPrior`).
 
 Cost: one forward per sample plus one decode; the driver does O(C) work per shard.
 """
@@ -48,23 +57,31 @@ from __future__ import annotations
 
 import io
 import json
-import os
+import logging
 import resource
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from data_shards.format import ClassInfo, Manifest
-from data_shards.storage import exists, join, read_bytes, read_manifest, write_bytes_atomic
+from data_shards.storage import exists, join, read_bytes, read_manifest, redact, write_bytes_atomic
 
 from .loop import EMA_FILE, MODEL_FILE, RUNNING_PRIOR_FILE, STATE_FILE
+from .prior_records import (ShardRecord, encode_record, file_stamp, identity_digest, iter_records, open_records,
+                            pass_identity, record_url, records_dir, remove_records)
 from .priors import read_priors, write_priors
 
 __all__ = ["PriorActor", "PriorReduction", "shard_sums", "estimate_priors", "write_checkpoint", "output_paths"]
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 TOP_K = 20
+SHARD_RETRIES = 2  # attempts beyond the first, per shard, on top of the tar reader's own retries
+RETRY_BACKOFF_S = 1.0  # doubles per attempt, capped at 30 s
+MAX_FAILURES_KEPT = 10  # failure messages the driver keeps (the count is exact)
 
 
 def shard_sums(model: Any, url: str, samples: int, *, image_size: int, num_classes: int, batch_size: int,
@@ -104,10 +121,16 @@ def shard_sums(model: Any, url: str, samples: int, *, image_size: int, num_class
 
 
 class PriorActor:
-    """Ray Data callable class: the model is loaded once per actor; one call per shard."""
+    """Ray Data callable class: the model is loaded once per actor; one call per shard.
+
+    A shard's record is published here, before its row goes back: the PUTs run on every actor
+    at once, not one after another on the driver, and a folded shard always has a record.
+    Only OSError is retried and turned into an error row: any other exception is a bug, not a
+    bad shard, and fails the pass at once (published records kept) instead of on every shard.
+    """
 
     def __init__(self, checkpoint: str, weights: str, image_size: int, num_classes: int, batch_size: int,
-                 cpus: float = 1.0, gpus: float = 0.0):
+                 cpus: float = 1.0, gpus: float = 0.0, *, records: str, digest: str, retries: int = SHARD_RETRIES):
         import torch
 
         from .inference import load_checkpoint
@@ -119,22 +142,55 @@ class PriorActor:
             raise ValueError(f"{checkpoint}: {len(lm.classes)} classes, the pass expects {num_classes}")
         self.model = lm.model.to(self.device).eval()
         self.image_size, self.num_classes, self.batch_size = image_size, num_classes, batch_size
+        self.records, self.digest, self.retries = records, digest, retries
+
+    def _shard(self, shard: int, url: str, samples: int) -> dict[str, Any]:
+        t0 = time.time()
+        try:
+            r = _retrying(lambda: shard_sums(self.model, url, samples, image_size=self.image_size,
+                                             num_classes=self.num_classes, batch_size=self.batch_size, device=self.device),
+                          self.retries, f"shard {shard} ({redact(url)})")
+            data = encode_record(ShardRecord(shard, r["sum"], r["pos"], r["count"], r["corrupt"]), self.digest)
+            _retrying(lambda: write_bytes_atomic(record_url(self.records, shard), data), self.retries,
+                      f"record of shard {shard}")
+        except OSError as e:
+            r = {"sum": np.zeros(self.num_classes), "count": 0, "corrupt": 0, "pos": np.zeros(self.num_classes, dtype=np.int64),
+                 "error": f"shard {shard} ({redact(url)}) failed {self.retries + 1} times: {type(e).__name__}: {redact(str(e))}"}
+        return {**r, "error": r.get("error", ""), "t0": t0, "t1": time.time()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.time()
-        rows = [shard_sums(self.model, str(url), int(n), image_size=self.image_size, num_classes=self.num_classes,
-                           batch_size=self.batch_size, device=self.device)
-                for url, n in zip(batch["url"], batch["samples"])]
+        rows = [self._shard(int(i), str(url), int(n)) for i, url, n in zip(batch["shard"], batch["url"], batch["samples"])]
         return {"shard": np.asarray(batch["shard"], dtype=np.int64),
-                "sum": np.stack([r["sum"] for r in rows]),
+                "sum": np.stack([r["sum"] for r in rows]).astype(np.float64),
                 "count": np.asarray([r["count"] for r in rows], dtype=np.int64),
                 "corrupt": np.asarray([r["corrupt"] for r in rows], dtype=np.int64),
-                "pos": np.stack([r["pos"] for r in rows]),
-                "t0": np.full(len(rows), t0), "t1": np.full(len(rows), time.time())}
+                "pos": np.stack([r["pos"] for r in rows]).astype(np.int64),
+                "error": np.asarray([r["error"] for r in rows], dtype=str),
+                "t0": np.asarray([r["t0"] for r in rows]), "t1": np.asarray([r["t1"] for r in rows])}
+
+
+def _retrying(fn: Callable[[], T], retries: int, what: str) -> T:
+    """fn(), retried on OSError with doubling back-off (RETRY_BACKOFF_S, capped at 30 s)."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt == retries:
+                raise
+            delay = min(RETRY_BACKOFF_S * 2**attempt, 30.0)
+            log.warning("%s: %s: %s; attempt %d of %d, retrying in %.0f s", what, type(e).__name__, redact(str(e)),
+                        attempt + 1, retries + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 class PriorReduction:
-    """The driver's fold of per-shard rows, with the exactly-once checks (float64 throughout)."""
+    """The driver's fold of per-shard rows, with the exactly-once checks (float64 throughout).
+
+    It holds running totals, a seen-flag per shard and at most `MAX_FAILURES_KEPT` failure
+    messages: O(C + shards) whatever the number of samples. A reused record is added like a
+    streamed row (`reused=True` only counts it), so it too is seen exactly once.
+    """
 
     def __init__(self, shard_samples: list[int], num_classes: int):
         self.expected = list(shard_samples)
@@ -142,16 +198,23 @@ class PriorReduction:
         self.pos = np.zeros(num_classes, dtype=np.int64)
         self.count = self.corrupt = 0
         self.seen = np.zeros(len(shard_samples), dtype=bool)
+        self.reused_shards = self.reused_samples = 0
+        self.failed = 0
+        self.failures: list[str] = []  # the first MAX_FAILURES_KEPT messages
         # timing for the summary: actor start-up is the wait before the first shard starts
         self.first_result_s: float | None = None
         self.stream_s = 0.0
         self.busy = (float("inf"), float("-inf"))  # first shard started .. last shard ended (wall clock)
 
-    def add(self, shard: int, sums: np.ndarray, count: int, corrupt: int, pos: np.ndarray | None = None) -> None:
+    def _check(self, shard: int) -> None:
         if not 0 <= shard < len(self.expected):
             raise RuntimeError(f"prior pass: result for unknown shard {shard}")
         if self.seen[shard]:
             raise RuntimeError(f"prior pass: shard {shard} was counted twice")
+
+    def add(self, shard: int, sums: np.ndarray, count: int, corrupt: int, pos: np.ndarray | None = None, *,
+            reused: bool = False) -> None:
+        self._check(shard)
         if count + corrupt != self.expected[shard]:
             raise RuntimeError(f"prior pass: shard {shard} gave {count} + {corrupt} corrupt samples, manifest says {self.expected[shard]}")
         self.seen[shard] = True
@@ -160,9 +223,23 @@ class PriorReduction:
             self.pos += np.asarray(pos, dtype=np.int64)
         self.count += int(count)
         self.corrupt += int(corrupt)
+        if reused:
+            self.reused_shards += 1
+            self.reused_samples += int(count) + int(corrupt)
+
+    def fail(self, shard: int, message: str) -> None:
+        """A shard that failed after its retries: not counted, remembered for the error."""
+        self._check(shard)
+        self.failed += 1
+        if len(self.failures) < MAX_FAILURES_KEPT:
+            self.failures.append(message)
 
     def finish(self) -> np.ndarray:
         """The prior (float64 [C]); raises unless every shard was counted exactly once."""
+        if self.failed:
+            more = f"; and {self.failed - len(self.failures)} more" if self.failed > len(self.failures) else ""
+            raise RuntimeError(f"prior pass: {self.failed} of {len(self.expected)} shards failed: "
+                               + "; ".join(self.failures) + more)
         missing = np.flatnonzero(~self.seen)
         if missing.size:
             raise RuntimeError(f"prior pass: {missing.size} shards never reported (first: {int(missing[0])})")
@@ -241,16 +318,21 @@ def _estimator(values: np.ndarray, counts: np.ndarray, truth: np.ndarray | None,
 
 
 def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train", weights: str = "auto",
-                   actors: int | None = None, batch_size: int = 64, cpus_per_actor: float = 1.0,
-                   gpus_per_actor: float = 0.0, progress: bool = True) -> dict[str, Any]:
+                    actors: int | None = None, batch_size: int = 64, cpus_per_actor: float = 1.0,
+                    gpus_per_actor: float = 0.0, progress: bool = True, fresh: bool = False,
+                    shard_retries: int = SHARD_RETRIES) -> dict[str, Any]:
     """Estimate the label prior of `data`/`split` with a checkpoint's model; write the outputs.
 
-    Returns the summary written to priors.json plus `manifest_samples`, `corrupt`, `actors`,
-    `driver_peak_rss_mb` and the output paths.
+    Resumable: finished shards are recorded under `<out stem>.shards/` and a rerun of the same
+    pass scores only the others (`prior_records`); `fresh=True` discards the records first.
+    A shard that fails `shard_retries + 1` times is named in a RuntimeError raised after every
+    other shard finished (their records kept). Returns the summary written to priors.json plus
+    `manifest_samples`, `corrupt`, `actors`, `driver_peak_rss_mb` and the output paths.
     """
-    if batch_size < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0 or (actors is not None and actors < 1):
-        raise ValueError(f"need batch_size >= 1, cpus_per_actor > 0, gpus_per_actor >= 0, actors >= 1; got "
-                         f"{batch_size}, {cpus_per_actor}, {gpus_per_actor}, {actors}")
+    if (batch_size < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0 or (actors is not None and actors < 1)
+            or shard_retries < 0):
+        raise ValueError(f"need batch_size >= 1, cpus_per_actor > 0, gpus_per_actor >= 0, actors >= 1, shard_retries >= 0; "
+                         f"got {batch_size}, {cpus_per_actor}, {gpus_per_actor}, {actors}, {shard_retries}")
     t0 = time.perf_counter()
     ckpt, cfg, classes, weights = _checkpoint_meta(checkpoint, weights)
     manifest = read_manifest(data)
@@ -264,50 +346,79 @@ def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train
         raise ValueError(f"{data}: split {split!r} has no samples")
     csv_path, json_path, png_path = output_paths(out)
 
-    import ray
+    # before any Ray work: a refused rerun costs a few metadata reads, not a cluster start
+    folder = records_dir(out)
+    weights_file = file_stamp(join(ckpt, EMA_FILE if weights == "ema" else MODEL_FILE))
+    identity = pass_identity(checkpoint=ckpt, weights=weights, weights_file=weights_file, split=split, shards=shards,
+                             image_size=cfg["data"]["image_size"], class_ids=[c.id for c in manifest.classes])
+    digest = identity_digest(identity)
+    open_records(folder, identity, fresh=fresh)
+    red = PriorReduction([s.samples for s in shards], manifest.num_classes)
+    for rec in iter_records(folder, digest=digest, num_classes=manifest.num_classes, shard_samples=red.expected):
+        red.add(rec.shard, rec.sum, rec.count, rec.corrupt, rec.pos, reused=True)
+    todo = np.flatnonzero(~red.seen).tolist()
 
-    from .launch import ensure_ray
+    n_actors = 0
+    if todo:
+        import ray
 
-    started = ensure_ray()
+        from .launch import ensure_ray
+
+        started = ensure_ray()
+        try:
+            n_actors = min(actors or _default_actors(cpus_per_actor, gpus_per_actor), len(todo))
+            _run(ray, red, data, shards, todo, ckpt, weights, cfg, n_actors, batch_size, cpus_per_actor,
+                 gpus_per_actor, progress, folder, digest, shard_retries)
+        finally:
+            if started:
+                ray.shutdown()
     try:
-        n_actors = min(actors or _default_actors(cpus_per_actor, gpus_per_actor), len(shards))
-        red = _run(ray, data, shards, ckpt, weights, cfg, manifest.num_classes, n_actors, batch_size,
-                   cpus_per_actor, gpus_per_actor, progress)
-    finally:
-        if started:
-            ray.shutdown()
-    prior = red.finish()
+        prior = red.finish()
+    except RuntimeError as e:
+        if red.failed:
+            raise RuntimeError(f"{e}. The {int(red.seen.sum())} finished shards are kept in {redact(folder)}: "
+                               "rerun the same command to score only the rest") from None
+        raise
     seconds = time.perf_counter() - t0
 
-    write_priors(csv_path, manifest, prior)
     summary = _summary(manifest, split, prior, red, ckpt, weights, seconds)
     summary["actors"] = n_actors
     summary["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_bytes_atomic(json_path, json.dumps(summary, indent=1).encode())
     write_bytes_atomic(png_path, _plot(manifest, split, prior, red, ckpt))
+    write_priors(csv_path, manifest, prior)  # last: a complete CSV means complete outputs
+    try:
+        remove_records(folder)  # the outputs now hold the result (prior_records: why not keep them)
+    except OSError as e:  # the result is complete; a leftover folder only asks the next pass for --fresh
+        log.warning("prior pass: could not remove %s (%s)", redact(folder), e)
     return {**summary, "manifest_samples": info.samples, "corrupt": red.corrupt,
             "outputs": {"csv": csv_path, "json": json_path, "png": png_path}}
 
 
-def _run(ray: Any, data: str, shards: list, ckpt: str, weights: str, cfg: dict[str, Any], num_classes: int,
-         n_actors: int, batch_size: int, cpus: float, gpus: float, progress: bool) -> PriorReduction:
+def _run(ray: Any, red: PriorReduction, data: str, shards: list, todo: list[int], ckpt: str, weights: str,
+         cfg: dict[str, Any], n_actors: int, batch_size: int, cpus: float, gpus: float, progress: bool,
+         records: str, digest: str, retries: int) -> None:
+    """Score the shards in `todo` on an actor pool, folding each row into `red` as it arrives."""
     from tqdm import tqdm
 
     ctx = ray.data.DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
     ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False  # ours counts samples
     try:
-        items = [{"shard": i, "url": join(data, s.path), "samples": s.samples} for i, s in enumerate(shards)]
+        items = [{"shard": i, "url": join(data, shards[i].path), "samples": shards[i].samples} for i in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
             PriorActor, batch_size=1, batch_format="numpy",
             fn_constructor_kwargs={"checkpoint": ckpt, "weights": weights, "image_size": cfg["data"]["image_size"],
-                                   "num_classes": num_classes, "batch_size": batch_size, "cpus": cpus, "gpus": gpus},
+                                   "num_classes": len(red.sum), "batch_size": batch_size, "cpus": cpus, "gpus": gpus,
+                                   "records": records, "digest": digest, "retries": retries},
             compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
         )
-        red = PriorReduction([s.samples for s in shards], num_classes)
-        bar = tqdm(total=sum(s.samples for s in shards), unit="img", desc=f"prior pass ({n_actors} actors)",
-                   disable=not progress, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+        reused = f", {red.reused_shards} shards reused" if red.reused_shards else ""
+        # rate and ETA count this run's samples only: tqdm measures from `initial`
+        bar = tqdm(total=sum(red.expected), initial=red.reused_samples, unit="img", unit_scale=True,
+                   desc=f"prior pass ({n_actors} actors{reused})", disable=not progress, file=sys.stderr,
+                   mininterval=1.0, dynamic_ncols=True, smoothing=0.1)
         t0 = time.perf_counter()
         with bar:
             for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -315,12 +426,15 @@ def _run(ray: Any, data: str, shards: list, ckpt: str, weights: str, cfg: dict[s
                     red.first_result_s = time.perf_counter() - t0
                 red.busy = (min(red.busy[0], float(b["t0"].min())), max(red.busy[1], float(b["t1"].max())))
                 for i in range(len(b["shard"])):
+                    if b["error"][i]:
+                        red.fail(int(b["shard"][i]), str(b["error"][i]))
+                        bar.set_postfix(corrupt=red.corrupt, failed_shards=red.failed)
+                        continue
                     red.add(int(b["shard"][i]), b["sum"][i], int(b["count"][i]), int(b["corrupt"][i]), b["pos"][i])
                     bar.update(int(b["count"][i]) + int(b["corrupt"][i]))
                     if b["corrupt"][i]:
-                        bar.set_postfix(corrupt=red.corrupt)
+                        bar.set_postfix(corrupt=red.corrupt, failed_shards=red.failed)
         red.stream_s = time.perf_counter() - t0
-        return red
     finally:
         ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
 
@@ -353,9 +467,12 @@ def _summary(manifest: Manifest, split: str, prior: np.ndarray, red: PriorReduct
     out["top"] = [{"class_id": manifest.classes[i].id, "name": manifest.classes[i].name, "prior": round(float(prior[i]), 6),
                    "annotation_frequency": round(float(counts[i] / n), 6)} for i in top.tolist()]
     out["seconds"] = round(seconds, 2)
-    busy = red.busy[1] - red.busy[0]
+    out["shards"] = len(red.expected)
+    out["reused_shards"], out["reused_samples"] = red.reused_shards, red.reused_samples
+    busy = max(0.0, red.busy[1] - red.busy[0])  # 0 when every shard was reused
+    scored = n + red.corrupt - red.reused_samples
     out["timing"] = {"first_result_s": round(red.first_result_s or 0.0, 2), "stream_s": round(red.stream_s, 2),
-                     "scoring_s": round(busy, 2), "scoring_images_per_s": round((n + red.corrupt) / busy, 1) if busy > 0 else None}
+                     "scoring_s": round(busy, 2), "scoring_images_per_s": round(scored / busy, 1) if busy > 0 else None}
     return out
 
 
