@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     from data_shards.sources.synthetic import build_synthetic
     from trainer.config import load_config
     from trainer.models import build_model
-    from trainer.prior_pass import estimate_priors, write_checkpoint
+    from trainer.checkpoint import write_weights_checkpoint as write_checkpoint
+    from trainer.prior_pass import estimate_priors
 
     tmp = tempfile.mkdtemp(prefix="csl-bench-prior-")
     root, ckpt = os.path.join(tmp, "data"), os.path.join(tmp, "ckpt")

@@ -457,7 +457,7 @@ def test_training_completes_through_empty_batches(tmp_path):
 def test_tampered_checkpoint_state_is_one_line_naming_the_file(tmp_path, capsys):
     from trainer.config import Config
     from trainer.models import build_model
-    from trainer.prior_pass import write_checkpoint
+    from trainer.checkpoint import write_weights_checkpoint as write_checkpoint
 
     cfg = Config()
     ckpt = str(tmp_path / "ckpt")

@@ -23,7 +23,8 @@ import torch
 
 from data_shards.format import ClassInfo, Manifest, Record, ShardInfo
 from data_shards.storage import read_manifest
-from trainer.prior_pass import PriorReduction, output_paths, shard_sums, write_checkpoint
+from trainer.checkpoint import write_weights_checkpoint as write_checkpoint
+from trainer.prior_pass import PriorReduction, output_paths, shard_sums
 from trainer.prior_records import (ShardRecord, decode_record, encode_record, file_stamp, identity_digest, iter_records,
                                    open_records, pass_identity, record_url, records_dir, remove_records)
 from trainer.priors import RunningPrior, read_priors, write_priors

@@ -53,6 +53,7 @@ __all__ = [
     "resolve_checkpoint",
     "save_checkpoint",
     "restore_checkpoint",
+    "write_weights_checkpoint",
 ]
 
 STATE_FILE = "csl_state.json"
@@ -133,3 +134,23 @@ def restore_checkpoint(engine: Any, local_dir: str) -> dict[str, Any]:
     ema = os.path.join(local_dir, EMA_FILE)
     engine.load(local_dir, DS_TAG, ema_path=ema if os.path.exists(ema) else None)
     return read_state(local_dir)
+
+
+def write_weights_checkpoint(folder: str, state_dict: dict[str, Any], config: dict[str, Any], classes: list[Any],
+                             *, ema_state_dict: dict[str, Any] | None = None, step: int = 0) -> str:
+    """A checkpoint folder from weights alone (no DeepSpeed state: readable, not resumable), for
+    an Ignore model trained elsewhere, tests and benches."""
+    from safetensors.torch import save
+
+    from .config import Config
+
+    cfg = Config.model_validate(config)
+    state = {"step": step, "stream": {}, "world_size": 1, "classes": [c.model_dump() for c in classes],
+             "config": cfg.model_dump(mode="json")}
+    tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
+               for k, v in state_dict.items()}
+    write_bytes_atomic(join(folder, MODEL_FILE), save(tensors))
+    if ema_state_dict is not None:
+        write_bytes_atomic(join(folder, EMA_FILE), save({k: v.detach().contiguous() for k, v in ema_state_dict.items()}))
+    write_bytes_atomic(join(folder, STATE_FILE), json.dumps(state).encode())
+    return folder

@@ -112,16 +112,24 @@ def export(checkpoint, out, weights) -> None:
 @click.option("--cpus-per-actor", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--gpus-per-actor", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("--no-progress", is_flag=True)
-def prior(checkpoint, data, split, out, weights, actors, batch_size, cpus_per_actor, gpus_per_actor, no_progress) -> None:
-    """Label prior (paper 1 eq. 10-11): mean sigmoid output of an Ignore model over a split, on Ray."""
+@click.option("--fresh", is_flag=True, help="discard the records of an unfinished pass beside --out (<stem>.shards/) "
+              "and score every shard again")
+@click.option("--shard-retries", default=2, show_default=True, type=click.IntRange(min=0),
+              help="retries (with back-off) of a shard that fails to read before the pass names it and stops")
+def prior(checkpoint, data, split, out, weights, actors, batch_size, cpus_per_actor, gpus_per_actor, no_progress,
+          fresh, shard_retries) -> None:
+    """Label prior (paper 1 eq. 10-11): mean sigmoid output of an Ignore model over a split, on Ray.
+    Re-run the same command to resume: finished shards are kept beside --out until the pass completes."""
     from .prior_pass import estimate_priors
 
     res = estimate_priors(checkpoint, data, out, split=split, weights=weights, actors=actors, batch_size=batch_size,
-                         cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, progress=not no_progress)
+                         cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, progress=not no_progress,
+                         fresh=fresh, shard_retries=shard_retries)
     sp = f"Spearman vs annotation counts {res['spearman_vs_counts']}"
     if "spearman_vs_truth" in res:
         sp += f", vs truth {res['spearman_vs_truth']} (counts vs truth {res['spearman_counts_vs_truth']})"
-    click.echo(f"{res['samples']} samples scored of {res['manifest_samples']} in the manifest ({res['corrupt']} corrupt) "
+    click.echo(f"{res['samples']} samples scored of {res['manifest_samples']} in the manifest ({res['corrupt']} corrupt; "
+               f"{res['reused_shards']} of {res['shards']} shards reused from an earlier run) "
                f"by {res['actors']} actors in {res['seconds']}s, {res['weights']} weights of {res['checkpoint']}; {sp}")
     click.echo(f"wrote {res['outputs']['csv']}, {res['outputs']['json']}, {res['outputs']['png']}")
 

@@ -41,7 +41,6 @@ import torch
 
 from data_shards.storage import get_fs, is_remote, join, read_manifest, write_bytes_atomic
 
-from .checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE  # noqa: F401  TEMP: prior_pass still imports them from here
 from .checkpoint import RUNNING_PRIOR_FILE, checkpoint_name, restore_checkpoint, save_checkpoint
 from .config import Config
 from .priors import RunningPrior, write_priors

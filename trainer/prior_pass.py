@@ -66,14 +66,14 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from data_shards.format import ClassInfo, Manifest
-from data_shards.storage import exists, join, read_bytes, read_manifest, redact, write_bytes_atomic
+from data_shards.storage import exists, join, read_manifest, redact, write_bytes_atomic
 
-from .loop import EMA_FILE, MODEL_FILE, RUNNING_PRIOR_FILE, STATE_FILE
+from .checkpoint import EMA_FILE, MODEL_FILE, RUNNING_PRIOR_FILE, has_ema, read_state, resolve_checkpoint
 from .prior_records import (ShardRecord, encode_record, file_stamp, identity_digest, iter_records, open_records,
                             pass_identity, record_url, records_dir, remove_records)
 from .priors import read_priors, write_priors
 
-__all__ = ["PriorActor", "PriorReduction", "shard_sums", "estimate_priors", "write_checkpoint", "output_paths"]
+__all__ = ["PriorActor", "PriorReduction", "shard_sums", "estimate_priors", "output_paths"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -256,41 +256,20 @@ def output_paths(out: str) -> tuple[str, str, str]:
     return out, stem + ".json", stem + ".png"
 
 
-def write_checkpoint(folder: str, state_dict: dict[str, Any], config: dict[str, Any], classes: list[ClassInfo],
-                     *, ema_state_dict: dict[str, Any] | None = None, step: int = 0) -> str:
-    """A checkpoint folder from weights alone, in the layout `loop.py` writes (csl_state.json,
-    model.safetensors, ema.safetensors): for an Ignore model trained elsewhere, tests and benches."""
-    from safetensors.torch import save
-
-    from .config import Config
-
-    cfg = Config.model_validate(config)
-    state = {"step": step, "stream": {}, "world_size": 1, "classes": [c.model_dump() for c in classes],
-             "config": cfg.model_dump(mode="json")}
-    tensors = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous() for k, v in state_dict.items()}
-    write_bytes_atomic(join(folder, MODEL_FILE), save(tensors))
-    if ema_state_dict is not None:
-        ema = {k: v.detach().contiguous() for k, v in ema_state_dict.items()}
-        write_bytes_atomic(join(folder, EMA_FILE), save(ema))
-    write_bytes_atomic(join(folder, STATE_FILE), json.dumps(state).encode())
-    return folder
-
-
 def _checkpoint_meta(checkpoint: str, weights: str) -> tuple[str, dict[str, Any], list[ClassInfo], str]:
     """(resolved checkpoint, config dict, classes, weights actually used), without loading weights."""
     from .config import Config
-    from .launch import resolve_checkpoint
 
     if weights not in ("auto", "ema", "model"):
         raise ValueError(f"weights {weights!r}: use auto, ema or model")
     ckpt = resolve_checkpoint(checkpoint)
-    state = json.loads(read_bytes(join(ckpt, STATE_FILE)))
+    state = read_state(ckpt)
     cfg = Config.model_validate(state["config"])
     classes = [ClassInfo.model_validate(c) for c in state["classes"]]
-    has_ema = exists(join(ckpt, EMA_FILE))
+    ema = has_ema(ckpt)
     if weights == "auto":
-        weights = "ema" if has_ema else "model"
-    if weights == "ema" and not has_ema:
+        weights = "ema" if ema else "model"
+    if weights == "ema" and not ema:
         raise FileNotFoundError(f"{ckpt}: no EMA weights (the run had train.ema_decay=0); use --weights model")
     return ckpt, cfg.model_dump(mode="json"), classes, weights
 
