@@ -11,8 +11,8 @@ training path) for a tiny untrained model at ZeRO 0 fp32 and ZeRO 1 bf16, both w
 - `csl export`'s bytes read from storage (`storage.read_bytes`, counted) per byte of the one
   weights file it needs, for the EMA (default) and the raw model.
 Bars (issue 14): <= 18 bytes/param with EMA in bf16 training; export reads <= 1.1x its file.
-A tiny model inflates per-parameter overheads (JSON state, tar-less DeepSpeed metadata); the
-rates are upper bounds for the large models.
+A tiny model inflates per-parameter overheads (JSON state, DeepSpeed's metadata); the rates
+are upper bounds for the large models.
 """
 
 from __future__ import annotations

@@ -324,9 +324,9 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                 if log is not None:
                     log.write(rec)
                     eta = (total_steps - step) * (now - t_start) / max(step - start_step, 1)
-                    skipped = f" | {rec['skipped_samples']} corrupt samples skipped" if rec["skipped_samples"] else ""
+                    skip_note = f" | {skipped} corrupt samples skipped" if skipped else ""
                     print(f"step {step}/{total_steps} | epoch {epoch} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                          f"{rate:.0f} samples/s | ETA {eta / 60:.1f} min{skipped}", flush=True)
+                          f"{rate:.0f} samples/s | ETA {eta / 60:.1f} min{skip_note}", flush=True)
             step_due = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
             if (step_due or time_due) and step < total_steps:
                 checkpoint({"loss": None})
