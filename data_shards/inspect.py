@@ -29,7 +29,7 @@ import numpy as np
 
 from .decode import ImageDecodeError, decode_image
 from .format import Manifest, ShardInfo, printable
-from .shard_reader import SampleError, ShardMissingError, ShardReadError, iter_groups, open_shard, sample_parts
+from .shard_reader import SampleError, ShardReadError, iter_groups, open_shard, sample_parts
 from .storage import join, read_manifest
 
 __all__ = ["ShardReport", "scan_shard", "inspect_dataset", "verify_dataset", "MAX_PROBLEMS"]
@@ -84,7 +84,7 @@ def scan_shard(root: str, info: ShardInfo, num_classes: int, decode_size: int | 
     try:
         raw_file = open_shard(url, retries=3)
     except ShardReadError as e:
-        rep.missing = isinstance(e, ShardMissingError)
+        rep.missing = e.missing
         rep.problem("-", "shard file missing" if rep.missing else str(e).split(": ", 1)[-1])
         return rep
     try:

@@ -31,8 +31,7 @@ from typing import IO, Any, Callable, Iterator
 from .format import IMAGE_EXTS, MAX_LABEL_BYTES, LabelError, decode_labels
 from .storage import is_remote, open_file
 
-__all__ = ["RawSample", "SampleError", "ShardMissingError", "ShardReadError", "iter_groups", "iter_shard", "open_shard",
-           "sample_parts"]
+__all__ = ["RawSample", "SampleError", "ShardReadError", "iter_groups", "iter_shard", "open_shard", "sample_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,11 @@ MAX_MEMBER_BYTES = 64 << 20
 
 
 class ShardReadError(OSError):
-    """A shard that cannot be opened or read after retries."""
+    """A shard that cannot be opened or read after retries; `missing`: the file does not exist."""
 
-
-class ShardMissingError(ShardReadError):
-    """A shard file that does not exist (as opposed to one that cannot be read)."""
+    def __init__(self, message: str, *, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
 
 
 class SampleError(ValueError):
@@ -78,7 +77,7 @@ def open_shard(url: str, retries: int = 3) -> Any:
         try:
             mode = os.stat(url).st_mode
         except FileNotFoundError as e:
-            raise ShardMissingError(f"shard {url}: cannot open (FileNotFoundError: {e})") from None
+            raise ShardReadError(f"shard {url}: cannot open (FileNotFoundError: {e})", missing=True) from None
         except OSError:
             mode = stat.S_IFREG  # let the open below report it
         if not stat.S_ISREG(mode):
@@ -87,7 +86,7 @@ def open_shard(url: str, retries: int = 3) -> Any:
         try:
             return open_file(url)
         except FileNotFoundError as e:
-            raise ShardMissingError(f"shard {url}: cannot open (FileNotFoundError: {e})") from None
+            raise ShardReadError(f"shard {url}: cannot open (FileNotFoundError: {e})", missing=True) from None
         except (PermissionError, IsADirectoryError) as e:
             raise ShardReadError(f"shard {url}: cannot open ({type(e).__name__}: {e})") from None
         except OSError as e:
