@@ -24,10 +24,10 @@
 
 FROM rayproject/ray:2.60.0-py311-cu128
 
-# torchvision's minor is torch's + 15 (2.13 <-> 0.28); both come from the CUDA index so pip
+# torchvision's minor is torch's + 15 (2.14 <-> 0.29); both come from the CUDA index so pip
 # never swaps in a CPU or differently built wheel from PyPI.
-ARG TORCH_VERSION=2.13.0
-ARG TORCHVISION_VERSION=0.28.0
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
 # No credentials here or in any ARG: S3 keys reach pods from a Kubernetes Secret
@@ -46,13 +46,12 @@ RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" 
         --index-url "${TORCH_INDEX_URL}" \
  && python -c "import torch; assert torch.version.cuda, 'a CPU build of torch was installed'"
 
-# 2. Everything else the project needs, with the `gpu` extra (timm, torchvision), read from
-#    pyproject.toml alone. DeepSpeed goes first without build isolation so that its setup.py
+# 2. Everything else the project needs (timm among them), read from pyproject.toml alone. DeepSpeed goes first without build isolation so that its setup.py
 #    sees the torch above (as the Makefile does locally); DS_BUILD_OPS=0 because the engine
 #    uses torch optimizers and needs no compiled DeepSpeed ops (the base has no nvcc).
 COPY --chown=ray:users pyproject.toml ./
 COPY --chown=ray:users cluster/docker/requirements_from_pyproject.py /tmp/requirements_from_pyproject.py
-RUN python /tmp/requirements_from_pyproject.py pyproject.toml gpu > /tmp/requirements.txt \
+RUN python /tmp/requirements_from_pyproject.py pyproject.toml > /tmp/requirements.txt \
  && DS_BUILD_OPS=0 pip install --no-build-isolation $(grep '^deepspeed' /tmp/requirements.txt) \
  && pip install -r /tmp/requirements.txt \
  && python -c "import torch, torchvision, timm, deepspeed, ray; assert torch.version.cuda"

@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch first (pinned: the local CPU wheel), then DeepSpeed without build isolation so its
-# setup.py sees that torch instead of pulling a CUDA build into an isolated build env.
+# torch first (pinned, with torchvision: both lie on the build machines' disk), then DeepSpeed without build isolation so its
+# setup.py sees that torch instead of pulling another torch into an isolated build env.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)

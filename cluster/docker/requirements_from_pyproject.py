@@ -6,7 +6,7 @@ rebuilds only the last, small layer. `pip install .` cannot do the first half (i
 code), and a hand-kept requirements file would drift from pyproject.toml; this reads the one
 source of truth with the standard library (`tomllib`), so it runs in a bare base image.
 
-    python requirements_from_pyproject.py pyproject.toml gpu > requirements.txt
+    python requirements_from_pyproject.py pyproject.toml [EXTRA ...] > requirements.txt
 """
 
 from __future__ import annotations
