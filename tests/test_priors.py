@@ -24,7 +24,8 @@ import torch
 from data_shards.format import ClassInfo, Manifest, Record, ShardInfo
 from data_shards.storage import read_manifest
 from trainer.checkpoint import write_weights_checkpoint as write_checkpoint
-from trainer.prior_pass import PriorReduction, output_paths, shard_sums
+from trainer.prior_pass import PriorReduction, actor_plan, output_paths
+from trainer.prior_scoring import score_shards
 from trainer.prior_records import (ShardRecord, decode_record, encode_record, file_stamp, identity_digest, iter_records,
                                    open_records, pass_identity, record_url, records_dir, remove_records)
 from trainer.priors import RunningPrior, read_priors, write_priors
@@ -265,14 +266,72 @@ def _reference_mean(model: torch.nn.Module, root: str, manifest: Manifest, split
     return total / n, n
 
 
-def test_shard_sums_counts_a_truncated_shard_as_corrupt(tiny, tmp_path):
-    s = tiny["manifest"].split("train").shards[0]
-    data = (Path(tiny["root"]) / s.path).read_bytes()
-    cut = tmp_path / "cut.tar"
-    cut.write_bytes(data[: len(data) // 2])
-    out = shard_sums(tiny["ema"], str(cut), s.samples, image_size=32, num_classes=tiny["manifest"].num_classes, batch_size=8)
-    assert out["count"] + out["corrupt"] == s.samples and 0 < out["corrupt"] < s.samples
-    assert out["sum"].dtype == np.float64 and out["sum"].shape == (tiny["manifest"].num_classes,)
+def _score(tiny, root: str, shards: list[int], workers: int, **kw) -> list:
+    return list(score_shards(tiny["ema"], root, "train", read_manifest(root), shards, image_size=32, batch_size=8,
+                             workers=workers, device=torch.device("cpu"), **kw))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_scoring_through_the_stream_gives_each_shard_once_and_the_mean(tiny, workers):
+    m = tiny["manifest"]
+    n_shards = len(m.split("train").shards)
+    rows = _score(tiny, tiny["root"], list(range(n_shards)), workers)
+    assert sorted(r.shard for r in rows) == list(range(n_shards))  # every shard once, workers splitting some
+    assert all(r.count == m.split("train").shards[r.shard].samples and r.corrupt == 0 and not r.error for r in rows)
+    ref, n = _reference_mean(tiny["ema"], tiny["root"], m, "train", 32)
+    total = np.sum([r.sum for r in rows], axis=0)
+    assert rows[0].sum.dtype == np.float64 and sum(r.count for r in rows) == n
+    np.testing.assert_allclose(total / n, ref, rtol=0, atol=1e-5)
+    assert np.sum([r.pos for r in rows], axis=0).tolist() == m.stats["train"].pos
+
+
+def test_scoring_counts_a_truncated_shard_as_corrupt(tiny, tmp_path):
+    root = str(tmp_path / "data")
+    shutil.copytree(tiny["root"], root)
+    s = tiny["manifest"].split("train").shards[1]
+    shard = Path(root) / s.path
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    rows = {r.shard: r for r in _score(tiny, root, [0, 1, 2], workers=2)}
+    assert rows[1].count + rows[1].corrupt == s.samples and 0 < rows[1].corrupt < s.samples
+    assert rows[0].corrupt == rows[2].corrupt == 0
+
+
+def test_an_unreadable_shard_is_found_from_a_worker_and_the_others_complete(tiny, tmp_path, monkeypatch):
+    """Raised in a loader worker, the error arrives as text: the scorer finds the shard by
+    scoring the plan's suspects alone, names it after its retries, and finishes the rest."""
+    import trainer.prior_scoring as scoring
+
+    monkeypatch.setattr(scoring, "RETRY_BACKOFF_S", 0.01)
+    root = str(tmp_path / "data")
+    shutil.copytree(tiny["root"], root)
+    m = tiny["manifest"]
+    os.remove(os.path.join(root, m.split("train").shards[4].path))
+    rows = _score(tiny, root, list(range(7)), workers=2, retries=1)
+    assert sorted(r.shard for r in rows) == list(range(7))
+    bad = [r for r in rows if r.error]
+    assert [r.shard for r in bad] == [4] and "failed 2 times: ShardReadError" in bad[0].error
+    assert all(r.count == m.split("train").shards[r.shard].samples for r in rows if r.shard != 4)
+
+
+def test_actor_plan_defaults_follow_the_cluster():
+    gpu_node = {"CPU": 11.0, "GPU": 1.0}
+    plan = actor_plan([{"CPU": 8.0}, *[{"CPU": 88.0, "GPU": 8.0}] * 2])  # a head without GPUs, two 8-GPU nodes
+    assert (plan.device, plan.actors, plan.gpus, plan.cpus, plan.workers, plan.threads) == ("cuda", 16, 1.0, 11.0, 10, 1)
+    plan = actor_plan([{"CPU": 16.0, "GPU": 4.0}, gpu_node])  # the leanest node sets the CPUs per actor
+    assert (plan.actors, plan.cpus) == (5, 4.0)
+    assert actor_plan([gpu_node], gpus_per_actor=0.5, workers=3).actors == 2
+    cpu = actor_plan([{"CPU": 2.0}])
+    assert (cpu.device, cpu.actors, cpu.cpus, cpu.workers, cpu.threads) == ("cpu", 2, 1.0, 0, 1)
+    assert actor_plan([{"CPU": 8.0}], cpus_per_actor=4).workers == 3
+    assert actor_plan([gpu_node], device="cpu").gpus == 0
+    with pytest.raises(ValueError, match="no GPUs"):
+        actor_plan([{"CPU": 2.0}], device="cuda")
+    from trainer.prior_pass import _groups
+
+    assert _groups([10] * 7, 2) == [[0, 1, 2], [3, 4, 5, 6]]  # contiguous, balanced by samples
+    assert _groups([100, 1, 1, 1], 3) == [[0], [1], [2, 3]] and _groups([5, 5], 2) == [[0], [1]]
+    with pytest.raises(ValueError, match="needs device cuda"):
+        actor_plan([{"CPU": 2.0}], gpus_per_actor=1)
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tiny, tmp_path):
@@ -463,9 +522,8 @@ def test_stale_records_are_refused_and_fresh_discards_them(tiny, ray_cluster, tm
     ident = pass_identity(checkpoint=ckpt, weights="ema", weights_file=file_stamp(os.path.join(ckpt, "ema.safetensors")),
                           split="train", shards=shards, image_size=32, class_ids=[c.id for c in m.classes])
     open_records(folder, ident)
-    r = shard_sums(tiny["ema"], os.path.join(tiny["root"], shards[0].path), shards[0].samples, image_size=32,
-                   num_classes=m.num_classes, batch_size=16)
-    Path(record_url(folder, 0)).write_bytes(encode_record(ShardRecord(0, r["sum"], r["pos"], r["count"], r["corrupt"]),
+    r = _score(tiny, tiny["root"], [0], workers=0)[0]
+    Path(record_url(folder, 0)).write_bytes(encode_record(ShardRecord(0, r.sum, r.pos, r.count, r.corrupt),
                                                           identity_digest(ident)))
 
     def refused(ck: str, weights: str = "auto") -> str:
@@ -489,3 +547,13 @@ def test_stale_records_are_refused_and_fresh_discards_them(tiny, ray_cluster, tm
     assert res["reused_shards"] == 0 and res["samples"] == 200
     ref, _ = _reference_mean(model, tiny["root"], m, "train", 32)  # the new weights', not the stale record's
     np.testing.assert_allclose(read_priors(out, m), ref, rtol=0, atol=1e-5)
+
+
+def test_pipeline_runs_the_prior_pass_on_the_training_hardware():
+    from trainer.config import load_config
+    from trainer.pipeline import prior_resources
+
+    gpu = prior_resources(load_config("openimages-v6-resnet50", []))
+    assert gpu == {"device": "cuda", "actors": 8, "gpus_per_actor": 1.0, "cpus_per_actor": 10.0}
+    assert prior_resources(load_config("openimages-v6-resnet50", []), actors=4)["actors"] == 4
+    assert prior_resources(load_config("synthetic-cpu", [])) == {"device": "cpu", "actors": None}

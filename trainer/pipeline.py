@@ -28,9 +28,9 @@ from data_shards.storage import exists, join, read_bytes, write_bytes_atomic
 
 from .config import Config
 from .checkpoint import resolve_checkpoint
-from .launch import launch, run_dir_of
+from .launch import ensure_ray, launch, run_dir_of
 
-__all__ = ["stage_config", "training_done", "run_pipeline"]
+__all__ = ["stage_config", "training_done", "prior_resources", "run_pipeline"]
 
 STAGE1, STAGE2, STAGE3 = "stage1-ignore", "stage2-prior", "stage3-selective"
 
@@ -52,28 +52,41 @@ def training_done(cfg: Config) -> dict[str, Any] | None:
     return json.loads(read_bytes(path)) if exists(path) else None
 
 
-def _train_stage(cfg: Config, label: str) -> dict[str, Any]:
+def _train_stage(cfg: Config, label: str, verbose: bool = False) -> dict[str, Any]:
     done = training_done(cfg)
     if done is not None:
         print(f"[pipeline] {label}: already finished (step {done.get('step')}), skipping", flush=True)
         return done
     print(f"[pipeline] {label}: training {cfg.run.name!r} with loss {cfg.loss.name!r}", flush=True)
-    launch(cfg)
+    launch(cfg, verbose)
     result = training_done(cfg)
     if result is None:
         raise RuntimeError(f"{label}: training ended without eval.json in {run_dir_of(cfg)}")
     return result
 
 
-def run_pipeline(cfg: Config, *, prior_actors: int | None = None, final_loss: str | None = None) -> dict[str, Any]:
-    """Run (or finish) the three stages; returns a summary with each stage's results."""
+def prior_resources(cfg: Config, actors: int | None = None) -> dict[str, Any]:
+    """The prior pass on the training's hardware: a GPU run's workers become GPU actors with the
+    same GPUs and CPUs each (one per training worker unless `actors` says otherwise); a CPU run
+    takes the pass's CPU defaults (one actor per cluster CPU)."""
+    c = cfg.cluster
+    if c.gpus_per_worker > 0:
+        return {"device": "cuda", "actors": actors or c.workers, "gpus_per_actor": c.gpus_per_worker,
+                "cpus_per_actor": c.cpus_per_worker}
+    return {"device": "cpu", "actors": actors}
+
+
+def run_pipeline(cfg: Config, *, prior_actors: int | None = None, final_loss: str | None = None,
+                 verbose: bool = False) -> dict[str, Any]:
+    """Run (or finish) the three stages; returns a summary with each stage's results. `verbose`:
+    Ray's worker output on the console too (see `console.py`)."""
     from .prior_pass import estimate_priors
 
     t0 = time.time()
     root = run_dir_of(cfg)
     final_loss = final_loss or (cfg.loss.name if cfg.loss.name not in ("ignore",) else "csl")
     ignore_cfg = stage_config(cfg, root, STAGE1, loss_name="ignore", prior_path=None)
-    ignore_eval = _train_stage(ignore_cfg, "stage 1/3")
+    ignore_eval = _train_stage(ignore_cfg, "stage 1/3", verbose)
 
     priors_csv = join(root, STAGE2, "priors.csv")
     if exists(priors_csv) and exists(join(root, STAGE2, "priors.json")):
@@ -82,10 +95,12 @@ def run_pipeline(cfg: Config, *, prior_actors: int | None = None, final_loss: st
     else:
         print("[pipeline] stage 2/3: prior pass with the Ignore model", flush=True)
         ckpt = resolve_checkpoint(run_dir_of(ignore_cfg))
-        prior_info = estimate_priors(ckpt, cfg.data.root, split=cfg.data.train_split, out=priors_csv, actors=prior_actors)
+        ensure_ray(verbose)  # a no-op after stage 1 ran here; else the pass would start a quiet one
+        prior_info = estimate_priors(ckpt, cfg.data.root, split=cfg.data.train_split, out=priors_csv,
+                                     **prior_resources(cfg, prior_actors))
 
     final_cfg = stage_config(cfg, root, STAGE3, loss_name=final_loss, prior_path=priors_csv)
-    final_eval = _train_stage(final_cfg, "stage 3/3")
+    final_eval = _train_stage(final_cfg, "stage 3/3", verbose)
     summary = {"run_dir": root, "ignore": ignore_eval, "prior": {k: v for k, v in prior_info.items() if k != "top"},
                "final_loss": final_loss, "final": final_eval, "seconds": round(time.time() - t0, 1)}
     write_bytes_atomic(join(root, "pipeline.json"), json.dumps(summary, indent=1).encode())

@@ -2,24 +2,31 @@
 
     P_r(c) = 1/|X| sum_{x in X} sigmoid(f(x; theta_Ignore))_c
 
-Shape. A Ray Dataset of *shard descriptors* (`from_items`, one row per shard: index, URL,
-manifest sample count, one block each) goes through `map_batches(PriorActor, batch_size=1)`
-on a fixed pool of actors (`ActorPoolStrategy(size=N)`). Each actor loads the model once, and
-per shard streams it with the project's reader (`iter_shard`: tarfile, fsspec, retries, never
-unpickles) and decode (`decode_image` at the checkpoint's image size, no flip, ImageNet
-normalisation: exactly the eval path), runs the model in batches under `no_grad`, and returns
-ONE row: float64 per-class sums of sigmoid outputs, the sample count, the corrupt count and the
-per-class positive-annotation count. The driver folds rows into float64 totals as they arrive.
-Memory is O(C x shards in flight) on every process, never O(N x C): at OpenImages scale a
-per-sample matrix would be 9M x 9,600 floats (345 GB); a row here is 9,600 x 16 bytes.
+Shape. The driver cuts the shards still to score into one contiguous, sample-balanced group
+per actor and starts plain Ray actors (`PriorActor`): each loads the model once, on a GPU when
+the cluster has them (bf16 autocast; a CPU actor runs fp32), and scores its group with
+`prior_scoring.score_shards`, which reads through the training stream in evaluation order
+with the actor's own loader worker processes decoding while the model runs (one tar reader,
+one decode for the project: see that module). Each actor method is a Ray streaming
+generator: one row per finished shard (float64 per-class sums of sigmoid outputs, the scored
+and corrupt counts, the per-class positive-annotation counts) comes back as soon as the shard
+is done, and the driver folds rows into float64 totals as they arrive (`ray.wait` over the
+generators). Memory is O(C x shards in flight) on every process, never O(N x C): at
+OpenImages scale a per-sample matrix would be 9M x 9,600 floats (345 GB); a row is
+9,600 x 16 bytes.
 
-Why not `ray.data.read_webdataset`: it decodes members with its own rules (and may unpickle
-`.pyd`/`.pickle` members), splits files into read tasks whose sample accounting we could not
-check, and decodes differently from training/eval. Why not a `Datasource` subclass: a
-datasource's read tasks run as plain tasks, so the model would be loaded per read task (or the
-decode and the inference would sit in different operators and every decoded image would cross
-the object store: 9M x 3 x 224 x 224 floats). Shard descriptors plus an actor pool keep the
-model resident, the images inside the actor, and make "exactly once" checkable per shard.
+Resources (`actor_plan`, a pure function of the cluster's nodes): `device="auto"` takes the
+GPUs when the cluster has any. On GPUs: one actor per GPU (`gpus_per_actor=1`), each with
+the CPUs per GPU of the leanest GPU node, of which all but one decode in loader workers. On
+CPUs: one actor per CPU, decoding in-process, as many model processes as cores. Every knob
+(actors, GPUs, CPUs and loader workers per actor) can be set. Static groups instead of a
+shared queue: an actor keeps one stream (its loader workers stay up and read every shard of
+the group sequentially) instead of starting processes per shard; the price is that the last
+actor to finish sets the end, which for equal GPUs and sample-balanced groups is small. Why
+not Ray Data's `read_webdataset`: it decodes members by its own rules (and may unpickle
+`.pyd`/`.pickle` members) and splits files into read tasks whose sample accounting we could
+not check; and any design that decodes in one operator and infers in another moves every
+decoded image through the object store.
 
 Exactly once. Each shard is one item; the driver checks that every shard index comes back once,
 that each shard's count + corrupt equals its manifest count, and that the total equals the
@@ -30,12 +37,15 @@ the samples the model actually scored. There is no splitting mode that drops a t
 `batch_size` only groups samples for the model, the last short batch included.
 
 Resumable, fault tolerant. Each actor publishes a finished shard's row as a record under
-`<out stem>.shards/`; a rerun folds those and scores only the other shards (`prior_records`:
-layout, the identity that keeps other passes' records out, why the folder goes at the end),
-with the same exactly-once checks. An OSError on a shard (ShardReadError after the reader's own
-retries, a failed record upload) is retried SHARD_RETRIES times with back-off in the actor,
-then comes back as an error row; after the stream the driver raises naming the failed shards,
-every other shard's record kept. The progress bar's rate and ETA count this run's samples.
+`<out stem>.shards/` (from a thread, off the model's path) before the row goes back; a rerun
+folds those and scores only the other shards (`prior_records`: layout, the identity that
+keeps other passes' records out, why the folder goes at the end), with the same exactly-once
+checks. A shard that cannot be read is found and retried SHARD_RETRIES times with back-off
+(`prior_scoring`: fault isolation) and then comes back as an error row, as does a record that
+cannot be written; the other shards go on, and after the stream the driver raises naming the
+failed shards, every other shard's record kept. An exception that is not an OSError is a bug,
+not a bad shard: it fails the pass at once, published records kept. The progress bar's rate
+and ETA count this run's samples.
 
 Weights: "auto" uses the EMA weights when the checkpoint has them (what eval uses, and what the
 papers evaluate), else the raw model; priors.json says which.
@@ -50,7 +60,10 @@ the naive estimate that annotation bias breaks) and, when the checkpoint folder 
 `running_prior.csv`, the reference code's running mean over training outputs
 (`priors.RunningPrior`).
 
-Cost: one forward per sample plus one decode; the driver does O(C) work per shard.
+Cost: one forward per sample plus one decode; the driver does O(C) work per shard. At
+OpenImages scale on 64 GPUs: 64 actors, each reading ~140k images from ~140 shards with its
+node's CPUs decoding; the driver folds ~9,000 rows of 154 kB (1.4 GB through the object store
+over the whole pass) and keeps O(C + shards) memory.
 """
 
 from __future__ import annotations
@@ -58,10 +71,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import resource
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -71,117 +88,109 @@ from data_shards.storage import exists, join, read_manifest, redact, write_bytes
 from .checkpoint import EMA_FILE, MODEL_FILE, RUNNING_PRIOR_FILE, has_ema, read_state, resolve_checkpoint
 from .prior_records import (ShardRecord, encode_record, file_stamp, identity_digest, iter_records, open_records,
                             pass_identity, record_url, records_dir, remove_records)
+from .prior_scoring import SHARD_RETRIES, ShardScore, retrying, score_shards
 from .priors import read_priors, write_priors
 
-__all__ = ["PriorActor", "PriorReduction", "shard_sums", "estimate_priors", "output_paths"]
+__all__ = ["ActorPlan", "PriorActor", "PriorReduction", "actor_plan", "estimate_priors", "output_paths"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 TOP_K = 20
-SHARD_RETRIES = 2  # attempts beyond the first, per shard, on top of the tar reader's own retries
-RETRY_BACKOFF_S = 1.0  # doubles per attempt, capped at 30 s
 MAX_FAILURES_KEPT = 10  # failure messages the driver keeps (the count is exact)
 
 
-def shard_sums(model: Any, url: str, samples: int, *, image_size: int, num_classes: int, batch_size: int,
-               device: Any = "cpu") -> dict[str, Any]:
-    """Sums of sigmoid outputs over one shard's samples, streamed in batches (no per-sample kept)."""
-    import torch
+@dataclass(frozen=True)
+class ActorPlan:
+    """How the pass runs: `actors` actors of `cpus` CPUs and `gpus` GPUs, each decoding in
+    `workers` loader processes (0: in-process) and running the model on `threads` threads."""
 
-    from data_shards.decode import ImageDecodeError, decode_image, to_tensor
-    from data_shards.shard_reader import SampleError, iter_shard, sample_parts
+    device: str
+    actors: int
+    cpus: float
+    gpus: float
+    workers: int
+    threads: int
 
-    total = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    pos = np.zeros(num_classes, dtype=np.int64)
-    count = corrupt = 0
-    images: list[np.ndarray] = []
 
-    def flush() -> None:
-        nonlocal count
-        x = to_tensor(np.stack(images)).to(device, non_blocking=True)
-        with torch.no_grad():
-            total.add_(model(x).float().sigmoid().sum(0, dtype=torch.float64))
-        count += len(images)
-        images.clear()
-
-    for i, raw in iter_shard(url, 0, samples):
-        try:
-            image, p, _ = sample_parts(raw, num_classes, f"shard {url} sample {raw.key or i!r}")
-            images.append(decode_image(image, image_size))
-        except (SampleError, ImageDecodeError):
-            corrupt += 1
-            continue
-        pos[p] += 1
-        if len(images) == batch_size:
-            flush()
-    if images:
-        flush()
-    return {"sum": total.cpu().numpy(), "count": count, "corrupt": corrupt, "pos": pos}
+def actor_plan(nodes: list[dict[str, float]], *, device: str = "auto", actors: int | None = None,
+               cpus_per_actor: float | None = None, gpus_per_actor: float | None = None,
+               workers: int | None = None) -> ActorPlan:
+    """The plan for alive nodes' resources (`ray.nodes()`' "Resources"); see the module docstring."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device {device!r}: use auto, cuda or cpu")
+    gpu_nodes = [n for n in nodes if n.get("GPU", 0) > 0]
+    if device == "auto":
+        device = "cuda" if gpu_nodes else "cpu"
+    if device == "cuda":
+        if not gpu_nodes:
+            raise ValueError("device cuda: the Ray cluster has no GPUs (use --device cpu or auto)")
+        gpus = gpus_per_actor or 1.0
+        # the leanest GPU node decides, so that every actor fits on every GPU node
+        cpus = cpus_per_actor or max(1.0, float(min(math.floor(n.get("CPU", 0) / n["GPU"] * gpus) for n in gpu_nodes)))
+        fit = sum(int(min(n["GPU"] / gpus, n.get("CPU", 0) / cpus)) for n in gpu_nodes)
+    else:
+        if gpus_per_actor:
+            raise ValueError(f"gpus_per_actor {gpus_per_actor} needs device cuda (or auto on a cluster with GPUs)")
+        gpus, cpus = 0.0, cpus_per_actor or 1.0
+        fit = sum(int(n.get("CPU", 0) / cpus) for n in nodes)
+    nw = workers if workers is not None else max(0, int(cpus) - 1)
+    return ActorPlan(device, actors or max(1, fit), cpus, gpus, nw, max(1, int(cpus) - nw))
 
 
 class PriorActor:
-    """Ray Data callable class: the model is loaded once per actor; one call per shard.
+    """A Ray actor: the model is loaded once; `score` streams one row per finished shard.
 
-    A shard's record is published here, before its row goes back: the PUTs run on every actor
-    at once, not one after another on the driver, and a folded shard always has a record.
-    Only OSError is retried and turned into an error row: any other exception is a bug, not a
-    bad shard, and fails the pass at once (published records kept) instead of on every shard.
+    A shard's record is published here, from a thread, before its row goes back: the PUTs run
+    on every actor at once and beside the model, and a folded shard always has a record.
     """
 
-    def __init__(self, checkpoint: str, weights: str, image_size: int, num_classes: int, batch_size: int,
-                 cpus: float = 1.0, gpus: float = 0.0, *, records: str, digest: str, retries: int = SHARD_RETRIES):
+    def __init__(self, checkpoint: str, weights: str, data: str, split: str, image_size: int, batch_size: int,
+                 plan: dict[str, Any], *, records: str, digest: str, retries: int = SHARD_RETRIES):
         import torch
 
         from .inference import load_checkpoint
 
-        torch.set_num_threads(max(1, int(cpus)))  # a CPU actor gets the cores Ray reserved for it
-        self.device = torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.plan = ActorPlan(**plan)
+        torch.set_num_threads(self.plan.threads)
+        if self.plan.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("prior pass actor: device cuda, but this actor sees no CUDA device")
+        self.device = torch.device(self.plan.device)
+        self.manifest = read_manifest(data)
         lm = load_checkpoint(checkpoint, weights)  # type: ignore[arg-type]
-        if len(lm.classes) != num_classes:
-            raise ValueError(f"{checkpoint}: {len(lm.classes)} classes, the pass expects {num_classes}")
+        if len(lm.classes) != self.manifest.num_classes:
+            raise ValueError(f"{checkpoint}: {len(lm.classes)} classes, {data} has {self.manifest.num_classes}")
         self.model = lm.model.to(self.device).eval()
-        self.image_size, self.num_classes, self.batch_size = image_size, num_classes, batch_size
+        self.data, self.split, self.image_size, self.batch_size = data, split, image_size, batch_size
         self.records, self.digest, self.retries = records, digest, retries
 
-    def _shard(self, shard: int, url: str, samples: int) -> dict[str, Any]:
+    def _publish(self, row: ShardScore) -> None:
+        data = encode_record(ShardRecord(row.shard, row.sum, row.pos, row.count, row.corrupt), self.digest)
+        retrying(lambda: write_bytes_atomic(record_url(self.records, row.shard), data), self.retries,
+                 f"record of shard {row.shard}")
+
+    def _row(self, row: ShardScore, published: Future | None, t0: float) -> dict[str, Any]:
+        if published is not None:
+            try:
+                published.result()
+            except OSError as e:
+                c = len(row.sum)
+                row = ShardScore(row.shard, np.zeros(c), np.zeros(c, dtype=np.int64), 0, 0,
+                                 error=f"record of shard {row.shard} failed {self.retries + 1} times: "
+                                       f"{type(e).__name__}: {redact(str(e))}")
+        return {**asdict(row), "t0": t0, "t1": time.time()}
+
+    def score(self, shards: list[int]) -> Iterator[dict[str, Any]]:
         t0 = time.time()
-        try:
-            r = _retrying(lambda: shard_sums(self.model, url, samples, image_size=self.image_size,
-                                             num_classes=self.num_classes, batch_size=self.batch_size, device=self.device),
-                          self.retries, f"shard {shard} ({redact(url)})")
-            data = encode_record(ShardRecord(shard, r["sum"], r["pos"], r["count"], r["corrupt"]), self.digest)
-            _retrying(lambda: write_bytes_atomic(record_url(self.records, shard), data), self.retries,
-                      f"record of shard {shard}")
-        except OSError as e:
-            r = {"sum": np.zeros(self.num_classes), "count": 0, "corrupt": 0, "pos": np.zeros(self.num_classes, dtype=np.int64),
-                 "error": f"shard {shard} ({redact(url)}) failed {self.retries + 1} times: {type(e).__name__}: {redact(str(e))}"}
-        return {**r, "error": r.get("error", ""), "t0": t0, "t1": time.time()}
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self._shard(int(i), str(url), int(n)) for i, url, n in zip(batch["shard"], batch["url"], batch["samples"])]
-        return {"shard": np.asarray(batch["shard"], dtype=np.int64),
-                "sum": np.stack([r["sum"] for r in rows]).astype(np.float64),
-                "count": np.asarray([r["count"] for r in rows], dtype=np.int64),
-                "corrupt": np.asarray([r["corrupt"] for r in rows], dtype=np.int64),
-                "pos": np.stack([r["pos"] for r in rows]).astype(np.int64),
-                "error": np.asarray([r["error"] for r in rows], dtype=str),
-                "t0": np.asarray([r["t0"] for r in rows]), "t1": np.asarray([r["t1"] for r in rows])}
-
-
-def _retrying(fn: Callable[[], T], retries: int, what: str) -> T:
-    """fn(), retried on OSError with doubling back-off (RETRY_BACKOFF_S, capped at 30 s)."""
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except OSError as e:
-            if attempt == retries:
-                raise
-            delay = min(RETRY_BACKOFF_S * 2**attempt, 30.0)
-            log.warning("%s: %s: %s; attempt %d of %d, retrying in %.0f s", what, type(e).__name__, redact(str(e)),
-                        attempt + 1, retries + 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+        waiting: deque[tuple[ShardScore, Future | None]] = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="prior-record") as pool:
+            for row in score_shards(self.model, self.data, self.split, self.manifest, shards,
+                                    image_size=self.image_size, batch_size=self.batch_size,
+                                    workers=self.plan.workers, device=self.device, retries=self.retries):
+                waiting.append((row, None if row.error else pool.submit(self._publish, row)))
+                while waiting and (waiting[0][1] is None or waiting[0][1].done()):
+                    yield self._row(*waiting.popleft(), t0)
+            while waiting:
+                yield self._row(*waiting.popleft(), t0)
 
 
 class PriorReduction:
@@ -274,14 +283,6 @@ def _checkpoint_meta(checkpoint: str, weights: str) -> tuple[str, dict[str, Any]
     return ckpt, cfg.model_dump(mode="json"), classes, weights
 
 
-def _default_actors(cpus: float, gpus: float) -> int:
-    import ray
-
-    res = ray.cluster_resources()
-    n = res.get("GPU", 0) / gpus if gpus > 0 else res.get("CPU", 1) / cpus
-    return max(1, int(n))
-
-
 def _spearman_or_none(a: np.ndarray, b: np.ndarray) -> float | None:
     from .metrics import spearman
 
@@ -297,21 +298,28 @@ def _estimator(values: np.ndarray, counts: np.ndarray, truth: np.ndarray | None,
 
 
 def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train", weights: str = "auto",
-                    actors: int | None = None, batch_size: int = 64, cpus_per_actor: float = 1.0,
-                    gpus_per_actor: float = 0.0, progress: bool = True, fresh: bool = False,
+                    device: str = "auto", actors: int | None = None, batch_size: int = 64,
+                    cpus_per_actor: float | None = None, gpus_per_actor: float | None = None,
+                    workers: int | None = None, progress: bool = True, fresh: bool = False,
                     shard_retries: int = SHARD_RETRIES) -> dict[str, Any]:
     """Estimate the label prior of `data`/`split` with a checkpoint's model; write the outputs.
 
-    Resumable: finished shards are recorded under `<out stem>.shards/` and a rerun of the same
-    pass scores only the others (`prior_records`); `fresh=True` discards the records first.
-    A shard that fails `shard_retries + 1` times is named in a RuntimeError raised after every
-    other shard finished (their records kept). Returns the summary written to priors.json plus
-    `manifest_samples`, `corrupt`, `actors`, `driver_peak_rss_mb` and the output paths.
+    `device`, `actors`, `cpus_per_actor`, `gpus_per_actor`, `workers` (loader processes per
+    actor): None takes `actor_plan`'s defaults for the cluster. Resumable: finished shards are
+    recorded under `<out stem>.shards/` and a rerun of the same pass scores only the others
+    (`prior_records`); `fresh=True` discards the records first. A shard that fails
+    `shard_retries + 1` times is named in a RuntimeError raised after every other shard
+    finished (their records kept). Returns the summary written to priors.json plus
+    `manifest_samples`, `corrupt` and the output paths.
     """
-    if (batch_size < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0 or (actors is not None and actors < 1)
-            or shard_retries < 0):
-        raise ValueError(f"need batch_size >= 1, cpus_per_actor > 0, gpus_per_actor >= 0, actors >= 1, shard_retries >= 0; "
-                         f"got {batch_size}, {cpus_per_actor}, {gpus_per_actor}, {actors}, {shard_retries}")
+    if (batch_size < 1 or (cpus_per_actor is not None and cpus_per_actor <= 0)
+            or (gpus_per_actor is not None and gpus_per_actor < 0) or (actors is not None and actors < 1)
+            or (workers is not None and workers < 0) or shard_retries < 0):
+        raise ValueError(f"need batch_size >= 1, cpus_per_actor > 0, gpus_per_actor >= 0, actors >= 1, workers >= 0, "
+                         f"shard_retries >= 0; got {batch_size}, {cpus_per_actor}, {gpus_per_actor}, {actors}, "
+                         f"{workers}, {shard_retries}")
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device {device!r}: use auto, cuda or cpu")
     t0 = time.perf_counter()
     ckpt, cfg, classes, weights = _checkpoint_meta(checkpoint, weights)
     manifest = read_manifest(data)
@@ -337,7 +345,7 @@ def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train
         red.add(rec.shard, rec.sum, rec.count, rec.corrupt, rec.pos, reused=True)
     todo = np.flatnonzero(~red.seen).tolist()
 
-    n_actors = 0
+    plan = None
     if todo:
         import ray
 
@@ -345,9 +353,12 @@ def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train
 
         started = ensure_ray()
         try:
-            n_actors = min(actors or _default_actors(cpus_per_actor, gpus_per_actor), len(todo))
-            _run(ray, red, data, shards, todo, ckpt, weights, cfg, n_actors, batch_size, cpus_per_actor,
-                 gpus_per_actor, progress, folder, digest, shard_retries)
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            plan = actor_plan(nodes, device=device, actors=actors, cpus_per_actor=cpus_per_actor,
+                              gpus_per_actor=gpus_per_actor, workers=workers)
+            plan = replace(plan, actors=min(plan.actors, len(todo)))  # never more actors than shards to score
+            _run(ray, red, data, split, shards, todo, ckpt, weights, cfg["data"]["image_size"], plan, batch_size,
+                 progress, folder, digest, shard_retries)
         finally:
             if started:
                 ray.shutdown()
@@ -361,7 +372,8 @@ def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train
     seconds = time.perf_counter() - t0
 
     summary = _summary(manifest, split, prior, red, ckpt, weights, seconds)
-    summary["actors"] = n_actors
+    summary["actors"] = plan.actors if plan else 0
+    summary["plan"] = asdict(plan) if plan else None
     summary["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_bytes_atomic(json_path, json.dumps(summary, indent=1).encode())
     write_bytes_atomic(png_path, _plot(manifest, split, prior, red, ckpt))
@@ -374,48 +386,59 @@ def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train
             "outputs": {"csv": csv_path, "json": json_path, "png": png_path}}
 
 
-def _run(ray: Any, red: PriorReduction, data: str, shards: list, todo: list[int], ckpt: str, weights: str,
-         cfg: dict[str, Any], n_actors: int, batch_size: int, cpus: float, gpus: float, progress: bool,
-         records: str, digest: str, retries: int) -> None:
-    """Score the shards in `todo` on an actor pool, folding each row into `red` as it arrives."""
+def _groups(samples: list[int], n: int) -> list[list[int]]:
+    """Positions 0..len(samples)-1 cut into `n` (<= len) non-empty contiguous groups of about
+    equal samples."""
+    cum = np.cumsum(samples)
+    bounds = [0]
+    for k, cut in enumerate(np.searchsorted(cum, cum[-1] * np.arange(1, n) / n, side="right").tolist(), start=1):
+        bounds.append(min(max(cut, bounds[-1] + 1), len(samples) - (n - k)))  # each group keeps >= 1 shard
+    bounds.append(len(samples))
+    return [list(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _run(ray: Any, red: PriorReduction, data: str, split: str, shards: list, todo: list[int], ckpt: str, weights: str,
+         image_size: int, plan: ActorPlan, batch_size: int, progress: bool, records: str, digest: str,
+         retries: int) -> None:
+    """Score the shards in `todo` on `plan.actors` actors, folding each row into `red` as it arrives."""
     from tqdm import tqdm
 
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars)
-    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False  # ours counts samples
+    groups = [[todo[j] for j in g] for g in _groups([shards[i].samples for i in todo], plan.actors)]
+    actor_cls = ray.remote(PriorActor).options(num_cpus=plan.cpus, num_gpus=plan.gpus)
+    actors = [actor_cls.remote(ckpt, weights, data, split, image_size, batch_size, asdict(plan), records=records,
+                               digest=digest, retries=retries) for _ in groups]
+    reused = f", {red.reused_shards} shards reused" if red.reused_shards else ""
+    # rate and ETA count this run's samples only: tqdm measures from `initial`
+    bar = tqdm(total=sum(red.expected), initial=red.reused_samples, unit="img", unit_scale=True,
+               desc=f"prior pass ({len(groups)} {plan.device} actors{reused})", disable=not progress,
+               file=sys.stderr, mininterval=1.0, dynamic_ncols=True, smoothing=0.1)
+    t0 = time.perf_counter()
     try:
-        items = [{"shard": i, "url": join(data, shards[i].path), "samples": shards[i].samples} for i in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            PriorActor, batch_size=1, batch_format="numpy",
-            fn_constructor_kwargs={"checkpoint": ckpt, "weights": weights, "image_size": cfg["data"]["image_size"],
-                                   "num_classes": len(red.sum), "batch_size": batch_size, "cpus": cpus, "gpus": gpus,
-                                   "records": records, "digest": digest, "retries": retries},
-            compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None,
-        )
-        reused = f", {red.reused_shards} shards reused" if red.reused_shards else ""
-        # rate and ETA count this run's samples only: tqdm measures from `initial`
-        bar = tqdm(total=sum(red.expected), initial=red.reused_samples, unit="img", unit_scale=True,
-                   desc=f"prior pass ({n_actors} actors{reused})", disable=not progress, file=sys.stderr,
-                   mininterval=1.0, dynamic_ncols=True, smoothing=0.1)
-        t0 = time.perf_counter()
+        live = [a.score.options(num_returns="streaming").remote(g) for a, g in zip(actors, groups)]
         with bar:
-            for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if red.first_result_s is None:
-                    red.first_result_s = time.perf_counter() - t0
-                red.busy = (min(red.busy[0], float(b["t0"].min())), max(red.busy[1], float(b["t1"].max())))
-                for i in range(len(b["shard"])):
-                    if b["error"][i]:
-                        red.fail(int(b["shard"][i]), str(b["error"][i]))
+            while live:
+                ready, _ = ray.wait(live, num_returns=1)
+                for gen in ready:
+                    try:
+                        row = ray.get(next(gen))  # an actor's exception surfaces here
+                    except StopIteration:
+                        live.remove(gen)
+                        continue
+                    if red.first_result_s is None:
+                        red.first_result_s = time.perf_counter() - t0
+                    red.busy = (min(red.busy[0], row["t0"]), max(red.busy[1], row["t1"]))
+                    if row["error"]:
+                        red.fail(row["shard"], row["error"])
                         bar.set_postfix(corrupt=red.corrupt, failed_shards=red.failed)
                         continue
-                    red.add(int(b["shard"][i]), b["sum"][i], int(b["count"][i]), int(b["corrupt"][i]), b["pos"][i])
-                    bar.update(int(b["count"][i]) + int(b["corrupt"][i]))
-                    if b["corrupt"][i]:
+                    red.add(row["shard"], row["sum"], row["count"], row["corrupt"], row["pos"])
+                    bar.update(row["count"] + row["corrupt"])
+                    if row["corrupt"]:
                         bar.set_postfix(corrupt=red.corrupt, failed_shards=red.failed)
         red.stream_s = time.perf_counter() - t0
     finally:
-        ctx.enable_progress_bars, ctx.enable_operator_progress_bars = saved
+        for a in actors:
+            ray.kill(a)
 
 
 def _running_prior(ckpt: str, manifest: Manifest) -> np.ndarray | None:
