@@ -9,22 +9,18 @@ fp32, ZeRO-0, channels_last):
 
 * ``csl``: `csl train` as a user runs it (a subprocess that starts its own local Ray), with
   `cluster.workers=2 data.workers=0 data.batch_size=32`: two Ray Train workers of one CPU each,
-  DeepSpeed on gloo with gradients averaged through /dev/shm (`cluster.shm_allreduce`, the
-  default), reading through `ShardStream` in the worker process. Its rate is
-  `samples_per_s` of `metrics.jsonl` (global: all ranks), one record every 5 steps.
+  DeepSpeed on gloo (its own gradient all-reduce), reading uint8 batches through `ShardStream`
+  in the worker process and normalising them where the model runs (`trainer/prefetch.py`).
+  Its rate is `samples_per_s` of `metrics.jsonl` (global: all ranks), one record every 5 steps.
 * ``plain``: one process, no Ray, no DeepSpeed, no process group: the same model
-  (`build_model`, made channels_last as the engine makes it at ZeRO-0 fp32), loss
-  (`build_loss`), optimizer (Adam over `param_groups`, OneCycle) and EMA (`ModelEMA`), batch
-  32, reading the same shards through `ShardStream(num_workers=0)` with the same train
-  transforms. Run with 1 torch thread and with 2, and as two 1-thread copies at once (both
-  cores busy, as under csl: what two processes sharing the machine's caches and memory cost
-  each other, which is not Ray's or DeepSpeed's overhead).
-* ``plain, tune_malloc``: the 1-thread plain loop with the glibc settings csl's workers use
-  (`cluster.tune_malloc`, see `trainer.loop.tune_malloc`), for reading: how much of csl's
-  rate is the allocator, which a plain loop could have too. The bar stays on the plain loop
-  as written, with the default allocator.
+  (`build_model`, NHWC activations as the engine sets them), loss (`build_loss`), optimizer
+  (Adam over `param_groups`, OneCycle) and EMA (`ModelEMA`), batch 32, reading the same shards
+  through `ShardStream(num_workers=0)` with the same train transforms and normalising as csl
+  does. Run with 1 torch thread and with 2, and as two 1-thread copies at once (both cores
+  busy, as under csl: what two processes sharing the machine's caches and memory cost each
+  other, which is not Ray's or DeepSpeed's overhead).
 * ``plain-wds``: the plain loop reading with `webdataset.WebDataset` + PIL decode + numpy
-  flip/normalise instead of `ShardStream`: a reference for the data path, not for the bar.
+  flip/normalise instead of `ShardStream`: a reference for the data path.
 
 Steady state: the first 20% of steps are skipped (Ray/DeepSpeed start-up, allocator warm-up,
 shuffle-buffer fill), and so is every 5-step window that holds an epoch start, a validation
@@ -39,12 +35,13 @@ about the neighbour as about us, so each window's samples are also divided by th
 the contender was actually granted: `process_time()` for the plain loop, and for csl the
 CPU time of every process in its session (both workers, driver, GCS, raylet, controller and
 Ray's other actors), read from /proc as each `step N/T` line arrives. It leaves out time spent
-waiting for a core or in a collective for a descheduled peer; the bar stays on wall time.
+waiting for a core or in a collective for a descheduled peer; the report stays on wall time.
 
 Per core. The csl run uses 2 workers x 1 torch thread on the machine's 2 cores (Ray sets
 OMP_NUM_THREADS to the worker's CPU count, 1; measured: one busy compute thread per worker),
-so its per-core rate is its global rate / 2. The plain loop with 1 thread uses 1 core. The bar
-compares these two: csl per core >= 0.8 x plain(1 thread) per core. It charges csl for Ray's
+so its per-core rate is its global rate / 2. The plain loop with 1 thread uses 1 core. The
+report compares these two: csl per core / plain(1 thread) per core (a figure to read, no
+longer a bar: this CPU path is not what the project is tuned for). It charges csl for Ray's
 and DeepSpeed's per-step work (the gradient average, its two gloo barriers and the wait for the
 slower rank, DeepSpeed's step, the Ray actor's threads) and for the Ray processes (GCS, raylet,
 dashboard, log monitor, Train's controller and helper actors; the local cluster `csl` starts,
@@ -74,7 +71,7 @@ loaded machine swings by tens of seconds from run to run.
 Caveats: a noisy, shared 2-core machine (the load average is printed); Ray and DeepSpeed
 start-up are excluded from the steady state by construction and reported only as latency;
 one start measurement per invocation; Ray's log monitor adds a small, constant delay to the
-latencies. Exit code 1 if a bar fails.
+latencies. Exit code 1 if the resume bar fails.
 """
 
 from __future__ import annotations
@@ -101,7 +98,6 @@ WINDOW = 5  # steps per rate window (= train.log_every of the throughput runs)
 WARMUP = 0.2  # fraction of steps skipped as warm-up
 RESUME_EVERY = 20
 RAY_WORKER_NICENESS = 15  # Ray's default for its worker processes
-MALLOC_NAME = "plain loop, 1 thread, tune_malloc"
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) \|")
 
 
@@ -109,8 +105,11 @@ STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) \|")
 # csl train as a subprocess
 
 
-def _csl_args(data: str, storage: str, name: str, steps: int, log_every: int, every: int, keep: int) -> list[str]:
-    return [CSL, "train", "--config", "synthetic-cpu", f"data.root={data}", "cluster.workers=2", "data.workers=0",
+def _csl_args(data: str, storage: str, name: str, steps: int, log_every: int, every: int, keep: int,
+              verbose: bool = False) -> list[str]:
+    # --verbose: Ray's own lines ("Started training worker group") reach the console, for the
+    # latency runs' marks; throughput runs stay quiet, as a user's run is.
+    return [CSL, "train", *(["--verbose"] if verbose else []), "--config", "synthetic-cpu", f"data.root={data}", "cluster.workers=2", "data.workers=0",
             f"data.batch_size={BATCH}", f"train.log_every={log_every}", f"checkpoint.every_steps={every}",
             f"checkpoint.keep={keep}", f"train.max_steps={steps}", "train.epochs=1000",
             f"run.storage={storage}", f"run.name={name}"]
@@ -137,7 +136,7 @@ def _spawn(args: list[str], log_path: Path, stop_at: Callable[[int], bool] | Non
     the process group (csl and the Ray it started) and return. Returns {rc, step_times (s since
     launch), step_cpu (CPU s of the whole session, Ray included), marks (first line of each
     phase)}."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CSL_FAULT", "CSL_RECORD", "RAY_ADDRESS"))}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
     t0 = time.perf_counter()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -251,34 +250,32 @@ def _wds_batches(data: str, epoch: int, image_size: int, num_classes: int):
             imgs, tgts = [], []
 
 
-def plain_worker(data: str, steps: int, threads: int, reader: str, malloc: bool = False) -> dict[str, Any]:
+def plain_worker(data: str, steps: int, threads: int, reader: str) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    if malloc:  # the allocator settings csl's workers use (cluster.tune_malloc)
-        from trainer.loop import tune_malloc
-
-        assert tune_malloc(), "mallopt failed"
+    from data_shards.decode import normalize
     from data_shards.storage import read_manifest
     from data_shards.stream import ShardStream
     from trainer.config import load_config
-    from trainer.engine import ModelEMA
+    from trainer.engine import ModelEMA, channels_last_activations
     from trainer.losses import build_loss
-    from trainer.models import build_model, channels_last, param_groups
+    from trainer.models import build_model, param_groups
 
     cfg = load_config("synthetic-cpu", [f"data.root={data}", f"data.batch_size={BATCH}"])
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(data)
     model = build_model(cfg.model, manifest.num_classes)
-    if cfg.model.channels_last:  # as the engine does at this preset's ZeRO-0 fp32
-        channels_last(model)
+    nhwc = cfg.model.channels_last
+    if nhwc:  # as the engine does
+        channels_last_activations(model)
     loss_fn = build_loss(cfg.loss.name, prior=None, **cfg.loss.params())
     opt = torch.optim.Adam(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.optim.lr, total_steps=steps, pct_start=cfg.optim.pct_start)
     ema = ModelEMA(model, cfg.train.ema_decay)
     stream = ShardStream(data, "train", batch_size=BATCH, image_size=cfg.data.image_size, seed=cfg.train.seed,
                          num_workers=0, shuffle=True, train_transform=True, shuffle_buffer=cfg.data.shuffle_buffer,
-                         manifest=manifest)
+                         manifest=manifest, output="uint8")
     model.train()
     loss_sum = torch.zeros(())
     ends, cpu_ends, epoch_starts, step, epoch = [], [], set(), 0, 0
@@ -289,7 +286,8 @@ def plain_worker(data: str, steps: int, threads: int, reader: str, malloc: bool 
         batches = stream if reader == "stream" else _wds_batches(data, epoch, cfg.data.image_size, manifest.num_classes)
         epoch_starts.add(step + 1)
         for batch in batches:
-            logits = model(batch["image"])
+            x = batch["image"]
+            logits = model(normalize(x, channels_last=nhwc) if x.dtype == torch.uint8 else x)
             loss = loss_fn(logits.float(), batch["target"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -312,12 +310,11 @@ def plain_worker(data: str, steps: int, threads: int, reader: str, malloc: bool 
             "threads": torch.get_num_threads(), "loss": float(loss_sum) / steps}
 
 
-def plain_throughput(data: str, steps: int, threads: int, reader: str, copies: int = 1,
-                     malloc: bool = False) -> tuple[float, float]:
+def plain_throughput(data: str, steps: int, threads: int, reader: str, copies: int = 1) -> tuple[float, float]:
     """(samples/s, samples per CPU-s) of the plain loop; `copies` > 1 runs that many identical
     loops at once, one per core, and returns the sum of their rates and the mean per CPU-s."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--plain-worker", json.dumps({"data": data, "steps": steps, "threads": threads, "reader": reader, "malloc": malloc})]
+    cmd = [sys.executable, __file__, "--plain-worker", json.dumps({"data": data, "steps": steps, "threads": threads, "reader": reader})]
     # Ray runs its workers at niceness 15 (raylet's worker_niceness): the plain loop gets the same
     # priority, so a busy neighbour at niceness 0 takes the same share from both.
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
@@ -362,7 +359,7 @@ def resume_latency(data: str, storage: str, base: str, name: str, step: int, tot
     """(launch -> first step, worker group started -> first step): the second leaves out Python
     and Ray start-up, which cannot depend on the checkpoint, and keeps restore + first batch."""
     cut_run(Path(storage) / base, Path(storage) / name, step)
-    r = _spawn(_csl_args(data, storage, name, total, 1, RESUME_EVERY, 100), logs / f"{name}.log",
+    r = _spawn(_csl_args(data, storage, name, total, 1, RESUME_EVERY, 100, verbose=True), logs / f"{name}.log",
                stop_at=lambda s: s > step)
     first = min(r["step_times"], default=None)
     if first != step + 1:
@@ -391,7 +388,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.plain_worker:
         kw = json.loads(a.plain_worker)
-        print(json.dumps(plain_worker(kw["data"], kw["steps"], kw["threads"], kw["reader"], kw.get("malloc", False))))
+        print(json.dumps(plain_worker(kw["data"], kw["steps"], kw["threads"], kw["reader"])))
         return 0
     if a.resume_steps % RESUME_EVERY or a.resume_steps < 3 * RESUME_EVERY:
         ap.error(f"--resume-steps must be a multiple of {RESUME_EVERY} and >= {3 * RESUME_EVERY}")
@@ -415,7 +412,6 @@ def main() -> int:
             ("plain loop, 1 thread", lambda r: plain_throughput(data, a.steps, 1, "stream"), 1),
             ("plain loop, 2 threads", lambda r: plain_throughput(data, a.steps, 2, "stream"), 2),
             ("plain loop x 2 at once, 1 thread each", lambda r: plain_throughput(data, a.steps, 1, "stream", copies=2), 2),
-            (MALLOC_NAME, lambda r: plain_throughput(data, a.steps, 1, "stream", malloc=True), 1),
         ]
         if not a.no_wds:
             contenders.append(("plain loop + webdataset, 1 thread", lambda r: plain_throughput(data, a.steps, 1, "wds"), 1))
@@ -430,7 +426,8 @@ def main() -> int:
 
         # start and resume latency
         base = "resume-base"
-        r0 = _spawn(_csl_args(data, storage, base, a.resume_steps, 1, RESUME_EVERY, 100), logs / f"{base}.log")
+        r0 = _spawn(_csl_args(data, storage, base, a.resume_steps, 1, RESUME_EVERY, 100, verbose=True),
+                    logs / f"{base}.log")
         start_s = r0["step_times"].get(1)
         if start_s is None:
             raise RuntimeError(f"no 'step 1/' line from {base}; log {logs / base}.log")
@@ -461,16 +458,13 @@ def main() -> int:
     print()
     failed = False
     ratio = (med[csl_name] / 2) / (med[p1_name] / 1)
-    ok = ratio >= 0.8
-    failed |= not ok
-    print(f"csl per core / plain(1 thread) per core = {ratio:.2f}  (bar >= 0.80)  {'PASS' if ok else 'FAIL'}")
+    print(f"csl per core / plain(1 thread) per core = {ratio:.2f}  (a report, no bar)")
     print(f"  for reading: per CPU-second (CPU time actually granted; csl counts all its Ray processes) "
           f"csl / plain(1 thread) = {med_cpu[csl_name] / med_cpu[p1_name]:.2f}")
     p2 = contenders[2][0]
     print(f"  for reading: csl per core / plain(2 threads) per core = {(med[csl_name] / 2) / (med[p2] / 2):.2f}")
     pair = contenders[3][0]
     print(f"  for reading: csl per core / plain(x 2 at once) per core = {(med[csl_name] / 2) / (med[pair] / 2):.2f}")
-    print(f"  for reading: csl per core / plain(1 thread, csl's malloc settings) = {(med[csl_name] / 2) / med[MALLOC_NAME]:.2f}")
     if not a.no_wds:
         wds_name = contenders[-1][0]
         print(f"  for reading: plain ShardStream / plain webdataset (1 thread) = {med[p1_name] / med[wds_name]:.2f}")

@@ -129,6 +129,44 @@ def test_bad_file_contents(tmp_path) -> None:
         load_config(str(tmp_path / "missing.yaml"), [])
 
 
+@pytest.mark.parametrize("key", ["shm_allreduce", "tune_malloc"])
+def test_a_config_file_naming_a_removed_key_fails_in_one_line(tmp_path, key: str) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text(f"cluster:\n  workers: 2\n  {key}: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path), [])
+    msg = str(e.value)
+    assert msg.startswith(f"unknown config key 'cluster.{key}' (valid in 'cluster': workers,") and "\n" not in msg
+    assert f"[file {str(path)!r}]" in msg
+    with pytest.raises(ConfigError, match=rf"unknown config key 'cluster\.{key}'.*\[override"):
+        load_config("synthetic-cpu", [f"cluster.{key}=false"])
+
+
+def test_a_checkpoints_saved_config_with_removed_keys_still_reads() -> None:
+    """csl_state.json of a run from before the removal names them; readers drop them."""
+    saved = load_config("synthetic-cpu", ["cluster.workers=3"]).model_dump(mode="json")
+    saved["cluster"].update(shm_allreduce=True, tune_malloc=True)
+    cfg = Config.model_validate(saved)
+    assert cfg.cluster.workers == 3 and "shm_allreduce" not in cfg.cluster.model_dump()
+    saved["cluster"]["nonsense"] = 1  # anything else is still refused
+    with pytest.raises(ValueError, match="nonsense"):
+        Config.model_validate(saved)
+
+
+def test_debug_section_is_typed_and_off_by_default(tmp_path) -> None:
+    assert Config().debug.fault_step is None and Config().debug.record_keys is None
+    marker = str(tmp_path / "fired")
+    cfg = load_config("synthetic-cpu", ["debug.fault_step=6", "debug.fault_rank=1", f"debug.fault_marker={marker}",
+                                        "debug.fault_delay_s=0.5", f"debug.record_keys={tmp_path}"])
+    assert (cfg.debug.fault_step, cfg.debug.fault_rank, cfg.debug.fault_marker) == (6, 1, marker)
+    assert Config.model_validate(cfg.model_dump(mode="json")) == cfg  # it reaches the workers
+    with pytest.raises(ConfigError, match=r"config key 'debug'.*needs debug\.fault_marker") as e:
+        load_config("synthetic-cpu", ["debug.fault_step=6"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"unknown config key 'debug\.fault_inject'"):
+        load_config("synthetic-cpu", ["debug.fault_inject=0:6:x"])
+
+
 def test_config_crosses_process_boundary_as_plain_data() -> None:
     cfg = load_config("synthetic-cpu", ["deepspeed.zero_stage=3"])
     assert Config.model_validate(cfg.model_dump()) == cfg
@@ -169,7 +207,7 @@ def test_run_name_is_checked_on_assignment() -> None:
     ("cluster.workers=2.0", "expected int, got 2.0"),
     ("loss.likelihood_topk=false", "expected int, got False"),
     ("model.channels_last=1", "expected bool, got 1"),
-    ("cluster.tune_malloc=0", "expected bool, got 0"),
+    ("debug.fault_rank=true", "expected int, got True"),
     ("optim.lr=true", "expected float, got True"),
     ("loss.gamma_neg=yes", "expected float, got True"),
     ("optim.lr=.inf", "expected a finite number, got inf"),

@@ -12,8 +12,10 @@ Design notes:
   is on because SGD is not on DeepSpeed's list; ZeRO only shards its state.
 - The process group comes from Ray Train (gloo on CPU, NCCL on GPU); ``ensure_process_group``
   only creates a single-process gloo group when there is none (unit tests, a bare script).
-  At ZeRO-0 fp32, CPU ranks sharing a machine average gradients through /dev/shm
-  (``trainer/shm_allreduce.py``) in place of DeepSpeed's gloo all-reduce.
+- ``model.channels_last`` makes activations NHWC (``channels_last_activations``), never the
+  weights, so it holds at every ZeRO stage and precision: ZeRO-1/2/3 and DeepSpeed's bf16/fp16
+  optimizers keep parameters as contiguous views of flat buffers, which a layout change of the
+  weights would cut loose.
 - What DeepSpeed 0.19.8 does on the CPU accelerator (measured here, gloo, 1 and 2 ranks):
   ZeRO 0, 1, 2 and 3 train; bf16 works for every stage once buffers are cast too
   (``data_types.buffer_dtype``: 0.19 casts only parameters, and BatchNorm refuses bf16
@@ -22,16 +24,10 @@ Design notes:
   ``DS_ACCELERATOR=cpu`` is not needed: DeepSpeed falls back to CPU when no GPU is visible.
 - bf16 keeps BatchNorm running statistics in bf16 (about 3 significant digits): the price
   of a bf16 module under DeepSpeed. Master weights and optimizer state stay fp32.
-- EMA keeps an fp32 copy of the model (parameters and buffers) on each rank, usable as a
-  model for evaluation and pseudo-labels. The loop calls ``update_ema`` after each
-  optimizer step (``step()`` says when one happened). Under ZeRO-3 each
-  update gathers the partitioned parameters (one all-gather of the model per optimizer
-  step, the size of a forward pass's traffic); under bf16 it averages the bf16 compute
+- EMA (``trainer/ema.py``), updated after each optimizer step: under ZeRO-3 an update gathers
+  the parameters (one all-gather of the model); under bf16 it averages the bf16 compute
   weights, not the fp32 masters (reading masters would cost a collective per tensor).
-  Decay is constant (the reference's choice) unless ``train.ema_warmup_steps`` > 0, then
-  ``decay * (1 - exp(-updates / ema_warmup_steps))`` as in YOLOv5/timm-style warm-up.
-- No host syncs per step: the LR is a Python float the scheduler already holds; the EMA
-  decay is computed from a host-side counter.
+- No host syncs per step: the LR is a Python float the scheduler already holds.
 - Checkpoints are DeepSpeed's sharded format in a *local* folder (``save_checkpoint`` is
   collective and writes per-rank files); uploading to the run storage is the loop's job.
 - Resume does not trust the run folder (a shared bucket): DeepSpeed reads its files with
@@ -44,14 +40,11 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import math
 import os
 import pickle
 import re
 import socket
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,14 +52,14 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import Config, ConfigError
-from trainer.models import channels_last, param_groups
-from trainer.shm_allreduce import ShmAllReduce
+from trainer.ema import ModelEMA, named_tensors
+from trainer.models import param_groups
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-__all__ = ["Engine", "ModelEMA", "UnsafeCheckpointError", "deepspeed_config", "ensure_process_group",
-           "safe_torch_load", "setup_engine"]
+__all__ = ["Engine", "ModelEMA", "UnsafeCheckpointError", "channels_last_activations", "deepspeed_config",
+           "ensure_process_group", "safe_torch_load", "setup_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -191,68 +184,25 @@ class _SafeLoads:
         return safe_torch_load(path, map_location)
 
 
-class ModelEMA:
-    """Exponential moving average of a module's parameters and buffers, kept in fp32.
+def _nhwc_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None  # already NHWC: the usual case after the first convolution
 
-    The average lives in ``self.module``, a frozen fp32 copy of the model in eval mode, so
-    it can be evaluated (or used for pseudo-labels) as it is; ``self.weights`` names its
-    tensors. Float tensors are averaged with ``lerp``; integer buffers (BatchNorm's
-    ``num_batches_tracked``) are copied. Plain torch: ``Engine.update_ema`` gathers ZeRO-3
-    partitions before calling ``update``, and the copy must be made from a full model.
+
+def channels_last_activations(model: nn.Module) -> nn.Module:
+    """Every ``Conv2d`` of ``model`` takes its input NHWC (channels_last); weights stay as they are.
+
+    Convolutions (oneDNN, cuDNN) run NHWC when input or weight is channels_last, and their
+    output keeps it through norms and activations, so the pre-hook converts at the stem or
+    after a block that reshapes into a fresh NCHW tensor (TResNet's space-to-depth). Each
+    convolution reorders its weight (and gradient): small next to the activations. In place.
     """
-
-    def __init__(self, model: nn.Module, decay: float, warmup_steps: int = 0) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.warmup_steps = warmup_steps
-        self.updates = 0
-        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
-        self.weights: dict[str, torch.Tensor] = {name: t for name, t in _named_tensors(self.module)}
-
-    def to(self, device: torch.device | str, memory_format: torch.memory_format | None = None) -> ModelEMA:
-        self.module.to(device)
-        if memory_format is not None:
-            self.module.to(memory_format=memory_format)
-        self.weights = {name: t for name, t in _named_tensors(self.module)}  # .to() replaces buffers
-        return self
-
-    def current_decay(self) -> float:
-        if self.warmup_steps:
-            return self.decay * (1.0 - math.exp(-self.updates / self.warmup_steps))
-        return self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        weight = 1.0 - self.current_decay()
-        ema_f, cur_f = [], []
-        for name, t in _named_tensors(model):
-            e = self.weights[name]
-            if e.is_floating_point():
-                ema_f.append(e)
-                cur_f.append(t.detach().to(e.dtype))
-            else:
-                e.copy_(t)
-        if ema_f:
-            torch._foreach_lerp_(ema_f, cur_f, weight)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "warmup_steps": self.warmup_steps, "updates": self.updates,
-                "weights": dict(self.weights)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = set(self.weights) ^ set(state["weights"])
-        if missing:
-            raise ValueError(f"EMA state does not match the model: {sorted(missing)[:5]}")
-        for name, t in state["weights"].items():
-            self.weights[name].copy_(t)
-        self.updates = int(state["updates"])
-
-
-def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from model.named_parameters()
-    yield from model.named_buffers()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(_nhwc_input)
+    return model
 
 
 def _build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -303,41 +253,21 @@ def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: in
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
     )
-    # NHWC only once DeepSpeed is set up (its initial broadcast views parameters as bytes, which
-    # needs them contiguous) and only where it leaves them alone: ZeRO-0 in fp32 steps our own
-    # torch optimizer on the module's parameters, while ZeRO-1/2/3 and its bf16/fp16 optimizers
-    # keep parameters as views of flat buffers that a layout change would cut loose.
-    params_our_own = cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32"
-    nhwc = cfg.model.channels_last and params_our_own
-    if nhwc:
-        channels_last(ds_engine.module)
-    elif cfg.model.channels_last:
-        log.info("model.channels_last applies with ZeRO-0 in fp32 only; keeping NCHW (stage %d, %s)",
-                 cfg.deepspeed.zero_stage, cfg.train.precision)
     if ema is not None:
-        ema.to(ds_engine.device, torch.channels_last if nhwc else None)
-    reducer = None
-    if world_size == 1 and params_our_own:
-        # Alone, DeepSpeed still flattens, "all-reduces" and copies back every gradient after
-        # backward: about 3 ms of a 65 ms backward for small-cnn at batch 32 (scratch timing).
-        ds_engine.enable_backward_allreduce = False
-    elif params_our_own and cfg.cluster.shm_allreduce and ds_engine.device.type == "cpu":
-        # CPU ranks sharing a machine average through /dev/shm instead of gloo's TCP loopback
-        # (see trainer/shm_allreduce.py); None where they do not share one.
-        reducer = ShmAllReduce.create(list(ds_engine.module.parameters()))
-        if reducer is not None:
-            ds_engine.enable_backward_allreduce = False
-    return Engine(ds_engine, ema, reducer)
+        ema.to(ds_engine.device)
+    if cfg.model.channels_last:
+        channels_last_activations(ds_engine.module)
+        if ema is not None:
+            channels_last_activations(ema.module)
+    return Engine(ds_engine, ema)
 
 
 class Engine:
     """The loop's view of DeepSpeed: one object per rank."""
 
-    def __init__(self, ds_engine: DeepSpeedEngine, ema: ModelEMA | None = None,
-                 reducer: ShmAllReduce | None = None) -> None:
+    def __init__(self, ds_engine: DeepSpeedEngine, ema: ModelEMA | None = None) -> None:
         self._ds = ds_engine
         self.ema = ema
-        self.reducer = reducer  # set: it averages gradients, DeepSpeed's all-reduce is off
         self.zero_stage = ds_engine.zero_optimization_stage()
         self.dtype = next(ds_engine.module.parameters()).dtype  # what forward casts inputs to
         self.device = ds_engine.device
@@ -375,8 +305,6 @@ class Engine:
 
     def backward(self, loss: torch.Tensor) -> None:
         self._ds.backward(loss)  # divides by grad_accum itself
-        if self.reducer is not None and self._ds.is_gradient_accumulation_boundary():
-            self.reducer.average_()  # where DeepSpeed's backward would have all-reduced
 
     def step(self) -> bool:
         """DeepSpeed step (optimizer + scheduler + zero_grad at accumulation boundaries).
@@ -405,31 +333,22 @@ class Engine:
         """The EMA weights as an fp32 model in eval mode (shared, not a copy), or None."""
         return None if self.ema is None else self.ema.module
 
+    def _need_ema(self, what: str) -> ModelEMA:
+        if self.ema is None:
+            raise RuntimeError(f"{what} needs the EMA: set train.ema_decay > 0")
+        return self.ema
+
     @torch.no_grad()
     def ema_predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the EMA model (fp32), e.g. for pseudo-labels; the EMA must be on."""
-        if self.ema is None:
-            raise RuntimeError("ema_predict needs the EMA: set train.ema_decay > 0")
-        return self.ema.module(x.to(self.device, torch.float32)).float()
+        return self._need_ema("ema_predict").module(x.to(self.device, torch.float32)).float()
 
     def save_ema(self, path: str) -> None:
         """Write the EMA weights as safetensors (local path; any rank, rank 0 usually)."""
-        from safetensors.torch import save_file  # noqa: PLC0415
-
-        if self.ema is None:
-            raise RuntimeError("save_ema needs the EMA: set train.ema_decay > 0")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.ema.weights.items()}
-        save_file(tensors, path, metadata={"updates": str(self.ema.updates), "decay": str(self.ema.decay)})
+        self._need_ema("save_ema").save(path)
 
     def load_ema(self, path: str) -> None:
-        from safetensors import safe_open  # noqa: PLC0415
-
-        if self.ema is None:
-            raise RuntimeError("load_ema needs the EMA: set train.ema_decay > 0")
-        with safe_open(path, framework="pt") as f:
-            weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-            updates = int((f.metadata() or {}).get("updates", 0))
-        self.ema.load_state_dict({"weights": weights, "updates": updates})
+        self._need_ema("load_ema").load(path)
 
     def _gathered(self) -> contextlib.AbstractContextManager:
         """Full parameters inside the block under ZeRO-3 (an all-gather); a no-op otherwise."""
@@ -521,7 +440,7 @@ class Engine:
             elif ema_state is None:
                 log.warning("checkpoint %s has no EMA state: EMA restarts from the loaded weights", path)
                 with self._gathered():
-                    self.ema.load_state_dict({"weights": dict(_named_tensors(self.module)), "updates": 0})
+                    self.ema.load_state_dict({"weights": dict(named_tensors(self.module)), "updates": 0})
             else:
                 self.ema.load_state_dict(ema_state)
         per_rank = state.get(_CLIENT_KEY) or [{}]
@@ -552,7 +471,7 @@ class Engine:
                 full = masters.get(id(p))
             if full is None:
                 full = self._full_param(p)
-            # contiguous copies: a channels_last weight is not, and safetensors needs them to be
+            # contiguous copies, as safetensors needs them
             out[name] = full.detach().float().cpu().clone(memory_format=torch.contiguous_format)
         for name, b in self.module.named_buffers():
             b = b.detach().float() if b.is_floating_point() else b.detach()

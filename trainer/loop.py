@@ -1,15 +1,22 @@
-"""The per-worker training loop: stream -> model -> loss -> DeepSpeed step, with exact resume.
+"""The per-worker training loop: stream -> device -> model -> loss -> DeepSpeed step, with exact resume.
 
-Shape (torchtitan's): `train_loop_per_worker` is the Ray glue; `run_training` is the loop and
-takes its Ray calls through a small `Hooks` object, so it also runs in a plain process.
+Shape (torchtitan's): `train_loop_per_worker` is the Ray glue; `run_training` sets up and runs
+the epochs; `train_step` is one micro-batch; `maybe_log` and `maybe_checkpoint` run after each
+optimizer step. The loop takes its Ray calls through a small `Hooks` object, so it also runs in
+a plain process (tests/test_loop.py). Debug aids (fault injection, key recording) come from the
+config's `debug` section, never from the environment.
+
+Batches reach the model through `prefetch.DevicePrefetcher`: uint8 from the stream (pinned on
+CUDA), copied with `non_blocking=True` and normalised on the device, the next batch's copy in
+flight during this step.
 
 Exactness. A checkpoint (layout, writing and reading: `checkpoint.py`) holds, besides
 DeepSpeed's model/optimizer/scheduler state: the optimizer step, the epoch, the stream cursor
-(epoch, batches consumed) and the EMA weights. The stream
-cursor is rank-independent (every rank yields the same number of batches), so rank 0's copy is
-valid for all ranks. Flips are a function of (seed, epoch, sample), so a resumed run consumes
-the same pixels in the same order and, with gloo's fixed reduction order, reaches the same
-weights as an uninterrupted one.
+(epoch, batches consumed; the prefetcher's, which does not count the batch it holds ahead) and
+the EMA weights. The cursor is rank-independent (every rank yields the same number of
+batches), so rank 0's copy is valid for all ranks. Flips are a function of (seed, epoch,
+sample), so a resumed run consumes the same pixels in the same order and, with gloo's fixed
+reduction order, reaches the same weights as an uninterrupted one.
 
 Checkpoint protocol (Ray Train V2): every rank calls DeepSpeed's collective `save_checkpoint`
 into its own local folder, then `ray.train.report(..., checkpoint=...)`, which uploads every
@@ -33,7 +40,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -42,11 +49,11 @@ import torch
 from data_shards.storage import get_fs, is_remote, join, read_manifest, write_bytes_atomic
 
 from .checkpoint import RUNNING_PRIOR_FILE, checkpoint_name, restore_checkpoint, save_checkpoint
-from .config import Config
+from .config import Config, DebugConfig
 from .priors import RunningPrior, write_priors
 
-__all__ = ["Hooks", "run_training", "train_loop_per_worker", "evaluate"]
-
+__all__ = ["Hooks", "evaluate", "maybe_checkpoint", "maybe_log", "run_training", "train_loop_per_worker",
+           "train_step"]
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Hooks:
 
     report: Callable[[dict[str, Any], Optional[str], Optional[str]], None]
     restore_dir: Callable[[], Any]  # a context manager yielding a local checkpoint dir, or None
+    progress: Callable[[dict[str, Any]], None] = field(default=lambda rec: None)  # rank 0's log records, to the console
 
 
 class _RunLog:
@@ -111,21 +119,18 @@ class _RunLog:
             self._tb.close()
 
 
-def _fault_hook(rank: int) -> Callable[[int], None]:
-    """Fault injection for failure tests: `CSL_FAULT_INJECT=RANK:STEP:MARKER` makes that rank
-    SIGKILL itself after optimizer step STEP, once (the marker file records that it fired, so
-    the restarted worker trains on). It waits `CSL_FAULT_DELAY_S` (3 s) first: Ray's
-    controller registers a reported checkpoint at its next poll of the workers (every 2 s),
-    and a kill inside that window rightly loses the checkpoint, which would make a test's
-    expected resume point a race. Unset, it costs one comparison per step."""
-    spec = os.environ.get("CSL_FAULT_INJECT")
-    if not spec:
+def _fault_hook(debug: DebugConfig, rank: int) -> Callable[[int], None]:
+    """`debug.fault_step`: that rank SIGKILLs itself right after that optimizer step, once (the
+    marker file records that it fired, so the restarted worker trains on), after
+    `debug.fault_delay_s` (see its description). Off, it costs one comparison per step."""
+    if debug.fault_step is None or rank != debug.fault_rank:
         return lambda step: None
-    f_rank, f_step, marker = spec.split(":", 2)
+    marker = debug.fault_marker
+    assert marker, "DebugConfig requires fault_marker with fault_step"
 
     def hook(step: int) -> None:
-        if rank == int(f_rank) and step == int(f_step) and not os.path.exists(marker):
-            time.sleep(float(os.environ.get("CSL_FAULT_DELAY_S", "3")))
+        if step == debug.fault_step and not os.path.exists(marker):
+            time.sleep(debug.fault_delay_s)
             with open(marker, "w") as f:
                 f.write(f"rank {rank} killed at step {step}\n")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -133,10 +138,10 @@ def _fault_hook(rank: int) -> Callable[[int], None]:
     return hook
 
 
-def _key_recorder(rank: int) -> Callable[[int, int, list[str]], None]:
-    """For exactly-once tests: `CSL_RECORD_KEYS=DIR` appends `pid epoch step key` lines per
-    rank to DIR/rank{r}.txt, so a test can rebuild which samples fed which optimizer step."""
-    folder = os.environ.get("CSL_RECORD_KEYS")
+def _key_recorder(debug: DebugConfig, rank: int) -> Callable[[int, int, list[str]], None]:
+    """`debug.record_keys=DIR`: `pid epoch step key` lines per rank in DIR/rank{r}.txt, so a test
+    can rebuild which samples fed which optimizer step."""
+    folder = debug.record_keys
     if not folder:
         return lambda epoch, step, keys: None
     os.makedirs(folder, exist_ok=True)
@@ -187,10 +192,10 @@ def _gather_map(acc, world_size: int) -> dict[str, float]:
     return {"map_c": float(res["map_c"]), "map_o": float(res["map_o"]), "num_valid": int(res["num_valid"])}
 
 
-def _log_sync(stream, device: torch.device, world_size: int, rank: int, due: bool = False) -> tuple[int, bool]:
+def _log_sync(skipped_here: int, device: torch.device, world_size: int, rank: int, due: bool = False) -> tuple[int, bool]:
     """(samples skipped as corrupt so far, summed over ranks; rank 0's `due`), in one collective
     at log steps: every rank then decides a time-based checkpoint by rank 0's clock alone."""
-    n = torch.tensor([stream.corrupt_samples, int(due and rank == 0)], dtype=torch.int64, device=device)
+    n = torch.tensor([skipped_here, int(due and rank == 0)], dtype=torch.int64, device=device)
     if world_size > 1:
         import torch.distributed as dist
 
@@ -199,24 +204,164 @@ def _log_sync(stream, device: torch.device, world_size: int, rank: int, due: boo
     return skipped, bool(due_all)
 
 
+@dataclass
+class _Run:
+    """One rank's run: what `train_step`, `maybe_log` and `maybe_checkpoint` share."""
+
+    cfg: Config
+    rank: int
+    world_size: int
+    hooks: Hooks
+    engine: Any
+    loss_fn: Any
+    loader: Any  # DevicePrefetcher over the train stream: its cursor is what a checkpoint holds
+    manifest: Any
+    running: RunningPrior
+    total_steps: int
+    log: Optional[_RunLog]
+    step: int
+    epoch: int
+    fault: Callable[[int], None]
+    record_keys: Callable[[int, int, list[str]], None]
+    # between log steps: the loss stays a device tensor until a log step reads it
+    loss_sum: torch.Tensor = field(init=False)
+    loss_count: int = 0
+    samples: int = 0
+    t_log: float = field(init=False)
+    t_start: float = field(init=False)
+    start_step: int = field(init=False)
+    # checkpoints: rank 0's clock, shared at log steps, decides time-based ones for every rank
+    t_ckpt: float = field(init=False)
+    last_ckpt_step: int = field(init=False)
+    time_due: bool = False
+
+    def __post_init__(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.engine.device)
+        self.t_log = self.t_start = self.t_ckpt = time.perf_counter()
+        self.start_step = self.last_ckpt_step = self.step
+
+
+def train_step(run: _Run, batch: dict[str, Any]) -> bool:
+    """One micro-batch on the device: forward, loss in fp32, backward, DeepSpeed step. Returns
+    whether an optimizer step happened (every `train.grad_accum` micro-batches); no host sync."""
+    engine = run.engine
+    x, target = batch["image"], batch["target"]
+    extra = {"pseudo": engine.ema_predict(x)} if run.cfg.loss.name == "pseudo" else {}
+    logits = engine.forward(x)
+    loss = run.loss_fn(logits, target, **extra)
+    run.running.update(logits.detach().sigmoid())
+    engine.backward(loss)
+    stepped = engine.step()
+    run.loss_sum += loss.detach()
+    run.loss_count += 1
+    run.samples += x.shape[0]
+    run.record_keys(run.epoch, run.step + 1, batch["key"])  # the optimizer step this batch feeds
+    if stepped:
+        run.step += 1
+        engine.update_ema(run.step)
+        run.fault(run.step)
+    return stepped
+
+
+def maybe_log(run: _Run) -> None:
+    """At log steps (and the last step): one host read of the loss, one collective for the skip
+    count and rank 0's checkpoint clock, a metrics record and a console line on rank 0."""
+    step, cfg = run.step, run.cfg
+    if step % cfg.train.log_every and step != run.total_steps:
+        return
+    now = time.perf_counter()
+    rate = run.samples * run.world_size / max(now - run.t_log, 1e-9)
+    every_s = cfg.checkpoint.every_minutes * 60
+    cursor = run.loader.state_dict()
+    skipped, run.time_due = _log_sync(cursor["corrupt"], run.engine.device, run.world_size, run.rank,
+                                      every_s > 0 and now - run.t_ckpt >= every_s)
+    rec = {"step": step, "time": round(time.time(), 3), "epoch": run.epoch,
+           "epoch_progress": round((cursor["batch"] or len(run.loader)) / len(run.loader), 4),
+           "loss": float(run.loss_sum.item()) / max(run.loss_count, 1), "lr": float(run.engine.lr),
+           "samples_per_s": round(rate, 2), "skipped_samples": skipped}
+    run.loss_sum.zero_()
+    run.loss_count, run.samples, run.t_log = 0, 0, now
+    if run.log is not None:
+        run.log.write(rec)
+        eta = (run.total_steps - step) * (now - run.t_start) / max(step - run.start_step, 1)
+        skip_note = f" | {skipped} corrupt samples skipped" if skipped else ""
+        print(f"step {step}/{run.total_steps} | epoch {run.epoch} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+              f"{rate:.0f} samples/s | ETA {eta / 60:.1f} min{skip_note}", flush=True)
+        run.hooks.progress({**rec, "total_steps": run.total_steps, "eta_s": round(eta, 1)})
+
+
+def maybe_checkpoint(run: _Run) -> None:
+    """Every `checkpoint.every_steps` steps, or when rank 0's clock said so at the last log step;
+    never at the last step (the end of the epoch checkpoints after validation)."""
+    every = run.cfg.checkpoint.every_steps
+    step_due = bool(every) and run.step % every == 0
+    if (step_due or run.time_due) and run.step < run.total_steps:
+        _checkpoint(run, {"loss": None})
+    run.time_due = False
+
+
+def _checkpoint(run: _Run, metrics: dict[str, Any]) -> None:
+    """Collective: every rank saves and reports; rank 0 adds the state file and the running prior."""
+    num_classes = run.manifest.num_classes
+    local = tempfile.mkdtemp(prefix=f"csl-ckpt-{run.rank}-")
+    try:
+        total = RunningPrior(num_classes, device=run.engine.device)
+        total.load_state_dict(run.running.state_dict())
+        total.all_reduce()  # collective
+        state = None
+        if run.rank == 0:
+            if total.count:
+                write_priors(os.path.join(local, RUNNING_PRIOR_FILE), run.manifest, total.value().cpu().numpy())
+            state = {"step": run.step, "stream": run.loader.state_dict(), "world_size": run.world_size,
+                     "running_prior": {"acc": total.acc.tolist(), "count": total.count},
+                     "classes": [c.model_dump() for c in run.manifest.classes],
+                     "config": run.cfg.model_dump(mode="json")}
+            assert run.log is not None
+            run.log.flush()
+        save_checkpoint(run.engine, local, run.rank, state)  # collective
+        run.hooks.report({**metrics, "step": run.step, "epoch": run.epoch}, local, checkpoint_name(run.step))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    run.last_ckpt_step, run.t_ckpt = run.step, time.perf_counter()
+
+
+def _end_epoch(run: _Run, val_loader: Any, done: bool) -> dict[str, Any]:
+    """Validation, its record, and a checkpoint unless the last step already wrote one."""
+    result = _validate(run.engine, val_loader, run.world_size)
+    skipped, _ = _log_sync(run.loader.state_dict()["corrupt"], run.engine.device, run.world_size, run.rank)
+    if run.log is not None:
+        run.log.write({"step": run.step, "time": round(time.time(), 3), "epoch": run.epoch,
+                       **{f"val_{k}": v for k, v in result.items()}, "skipped_samples": skipped})
+    result["skipped_samples"] = skipped
+    if run.step > run.last_ckpt_step or done:
+        _checkpoint(run, result)
+    return result
+
+
 def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: Hooks) -> dict[str, Any]:
+    """Train (or resume) one rank of the run; returns the last validation metrics ({} when the
+    run had already finished)."""
     from data_shards.stream import ShardStream
 
     from .engine import setup_engine
     from .losses import build_loss
     from .models import build_model
+    from .prefetch import DevicePrefetcher
 
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     manifest = read_manifest(cfg.data.root)
     num_classes = manifest.num_classes
 
+    # uint8 batches: page-locked where bound for a GPU (DeepSpeed takes one when present), else
+    # lent straight from the shared slot, since normalising on the CPU is the one copy needed
+    cuda = torch.cuda.is_available()
     common = dict(batch_size=cfg.data.batch_size, image_size=cfg.data.image_size, rank=rank,
-                  world_size=world_size, seed=cfg.train.seed, corrupt=cfg.data.corrupt, manifest=manifest)
-    stream = ShardStream(cfg.data.root, cfg.data.train_split, num_workers=cfg.data.workers, shuffle=True,
-                         train_transform=True, shuffle_buffer=cfg.data.shuffle_buffer, **common)
-    val_stream = ShardStream(cfg.data.root, cfg.data.val_split, num_workers=cfg.data.workers, shuffle=False,
-                             train_transform=False, **common)
+                  world_size=world_size, seed=cfg.train.seed, corrupt=cfg.data.corrupt, manifest=manifest,
+                  num_workers=cfg.data.workers, output="uint8", pin_memory=cuda, zero_copy=not cuda)
+    stream = ShardStream(cfg.data.root, cfg.data.train_split, shuffle=True, train_transform=True,
+                         augment=cfg.data.augment.spec(), shuffle_buffer=cfg.data.shuffle_buffer, **common)
+    val_stream = ShardStream(cfg.data.root, cfg.data.val_split, shuffle=False, train_transform=False, **common)
     accum = cfg.train.grad_accum
     steps_per_epoch = len(stream) // accum
     if steps_per_epoch < 1:
@@ -225,14 +370,11 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    model = build_model(cfg.model, num_classes)
-    engine = setup_engine(model, cfg, world_size, total_steps)
-    device, dtype = engine.device, engine.input_dtype
-    loss_fn = build_loss(cfg.loss.name, prior=_load_prior(cfg, manifest), **cfg.loss.params()).to(device)
-    needs_pseudo = cfg.loss.name == "pseudo"
+    engine = setup_engine(build_model(cfg.model, num_classes), cfg, world_size, total_steps)
+    loss_fn = build_loss(cfg.loss.name, prior=_load_prior(cfg, manifest), **cfg.loss.params()).to(engine.device)
     # The public reference code's prior estimator (a mean of the training outputs), kept for
     # comparison with the prior pass; per-rank sums, reduced only when a checkpoint is written.
-    running = RunningPrior(num_classes, device=device)
+    running = RunningPrior(num_classes, device=engine.device)
 
     step = 0
     with hooks.restore_dir() as ckpt:
@@ -245,153 +387,53 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                 running.load_state_dict({"acc": torch.tensor(rp["acc"]), "count": rp["count"], "weight": 0.0, "decay": None})
             if rank == 0:
                 print(f"[rank 0] resumed at step {step}: epoch {stream.epoch}, batch {state['stream']['batch']}", flush=True)
-    # The cursor knows where we are: a checkpoint that closed epoch e resumes at (e + 1, 0).
-    epoch = stream.epoch
     if step >= total_steps:
         # The same command again after the run finished: nothing to train, and eval.json stays.
         if rank == 0:
             print(f"[rank 0] run already finished at step {step} of {total_steps}: nothing to do", flush=True)
         return {}
 
-    log = _RunLog(run_dir, step) if rank == 0 else None
-
-    def checkpoint(metrics: dict[str, Any]) -> None:
-        local = tempfile.mkdtemp(prefix=f"csl-ckpt-{rank}-")
-        try:
-            total = RunningPrior(num_classes, device=device)
-            total.load_state_dict(running.state_dict())
-            total.all_reduce()  # collective
-            state = None
-            if rank == 0:
-                if total.count:
-                    write_priors(os.path.join(local, RUNNING_PRIOR_FILE), manifest, total.value().cpu().numpy())
-                state = {"step": step, "stream": stream.state_dict(), "world_size": world_size,
-                         "running_prior": {"acc": total.acc.tolist(), "count": total.count},
-                         "classes": [c.model_dump() for c in manifest.classes], "config": cfg.model_dump(mode="json")}
-                assert log is not None
-                log.flush()
-            save_checkpoint(engine, local, rank, state)  # collective
-            hooks.report({**metrics, "step": step, "epoch": epoch}, local, checkpoint_name(step))
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
-
-    fault, record_keys = _fault_hook(rank), _key_recorder(rank)
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    t_log, samples_since = time.perf_counter(), 0
-    t_start, start_step = t_log, step
-    last_ckpt_step = step
-    # Time-based checkpoints: rank 0's clock, shared at log steps (see _log_sync), so every
-    # rank reaches the collective save and the report barrier at the same step.
-    every_s, t_ckpt, time_due = cfg.checkpoint.every_minutes * 60, t_log, False
+    nhwc = cfg.model.channels_last
+    # The cursor knows where we are: a checkpoint that closed epoch e resumes at (e + 1, 0).
+    run = _Run(cfg=cfg, rank=rank, world_size=world_size, hooks=hooks, engine=engine, loss_fn=loss_fn,
+               loader=DevicePrefetcher(stream, engine.device, channels_last=nhwc), manifest=manifest,
+               running=running, total_steps=total_steps, log=_RunLog(run_dir, step) if rank == 0 else None,
+               step=step, epoch=stream.epoch, fault=_fault_hook(cfg.debug, rank),
+               record_keys=_key_recorder(cfg.debug, rank))
+    val_loader = DevicePrefetcher(val_stream, engine.device, channels_last=nhwc)
     last_eval: dict[str, Any] = {}
-    done = step >= total_steps
-    micro = 0
-    while not done and epoch < cfg.train.epochs:
-        stream.set_epoch(epoch)  # keeps the cursor when resuming inside this epoch
-        loss_fn.set_epoch(epoch, cfg.train.epochs)
-        for batch in stream:
-            x = batch["image"].to(device, dtype=dtype, non_blocking=True)
-            target = batch["target"].to(device, non_blocking=True)
-            extra = {}
-            if needs_pseudo:
-                extra["pseudo"] = engine.ema_predict(x)
-            logits = engine.forward(x)
-            loss = loss_fn(logits.float(), target, **extra)
-            running.update(logits.detach().float().sigmoid())
-            engine.backward(loss)
-            engine.step()
-            micro += 1
-            loss_sum += loss.detach()
-            loss_count += 1
-            samples_since += x.shape[0]
-            record_keys(epoch, step + 1, batch["key"])  # the optimizer step this batch feeds
-            if micro % accum:
+    done = False
+    while not done and run.epoch < cfg.train.epochs:
+        stream.set_epoch(run.epoch)  # keeps the cursor when resuming inside this epoch
+        loss_fn.set_epoch(run.epoch, cfg.train.epochs)
+        for batch in run.loader:
+            if not train_step(run, batch):
                 continue
-            step += 1
-            engine.update_ema(step)
-            fault(step)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                rate = samples_since * world_size / max(now - t_log, 1e-9)
-                skipped, time_due = _log_sync(stream, device, world_size, rank,
-                                              every_s > 0 and now - t_ckpt >= every_s)
-                rec = {"step": step, "time": round(time.time(), 3), "epoch": epoch, "epoch_progress": round((stream.state_dict()["batch"] or len(stream)) / len(stream), 4),
-                       "loss": float(loss_sum.item()) / max(loss_count, 1), "lr": float(engine.lr),
-                       "samples_per_s": round(rate, 2), "skipped_samples": skipped}
-                loss_sum.zero_()
-                loss_count, samples_since, t_log = 0, 0, now
-                if log is not None:
-                    log.write(rec)
-                    eta = (total_steps - step) * (now - t_start) / max(step - start_step, 1)
-                    skip_note = f" | {skipped} corrupt samples skipped" if skipped else ""
-                    print(f"step {step}/{total_steps} | epoch {epoch} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                          f"{rate:.0f} samples/s | ETA {eta / 60:.1f} min{skip_note}", flush=True)
-            step_due = bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
-            if (step_due or time_due) and step < total_steps:
-                checkpoint({"loss": None})
-                last_ckpt_step, t_ckpt = step, time.perf_counter()
-            time_due = False
-            if step >= total_steps:
+            maybe_log(run)
+            maybe_checkpoint(run)
+            if run.step >= total_steps:
                 done = True
                 break
-        last_eval = _validate(engine, val_stream, world_size, device, dtype)
-        skipped, _ = _log_sync(stream, device, world_size, rank)
-        if log is not None:
-            log.write({"step": step, "time": round(time.time(), 3), "epoch": epoch,
-                       **{f"val_{k}": v for k, v in last_eval.items()}, "skipped_samples": skipped})
-        last_eval["skipped_samples"] = skipped
-        if step > last_ckpt_step or done:
-            checkpoint(last_eval)
-            last_ckpt_step, t_ckpt = step, time.perf_counter()
+        last_eval = _end_epoch(run, val_loader, done)
         if not done:
-            epoch += 1
-    if log is not None:
-        write_bytes_atomic(join(run_dir, "eval.json"), json.dumps({"step": step, "epoch": epoch, **last_eval}, indent=1).encode())
-        log.close()
+            run.epoch += 1
+    if run.log is not None:
+        write_bytes_atomic(join(run_dir, "eval.json"),
+                           json.dumps({"step": run.step, "epoch": run.epoch, **last_eval}, indent=1).encode())
+        run.log.close()
     return last_eval
 
 
-def _validate(engine, val_stream, world_size: int, device, dtype) -> dict[str, Any]:
+def _validate(engine, val_loader, world_size: int) -> dict[str, Any]:
     engine.sync_buffers()  # DeepSpeed never broadcasts BatchNorm statistics: one set for all ranks
     out: dict[str, Any] = {}
-    model_res = _gather_map(evaluate(engine.module, val_stream, device, dtype), world_size)
-    out.update({f"{k}": v for k, v in model_res.items()})
+    model_res = _gather_map(evaluate(engine.module, val_loader, engine.device, engine.input_dtype), world_size)
+    out.update(model_res)
     ema = engine.ema_module()
-    if ema is not None:
-        ema_res = _gather_map(evaluate(ema, val_stream, device, dtype), world_size)
+    if ema is not None:  # fp32 weights: fp32 inputs, whatever the compute precision
+        ema_res = _gather_map(evaluate(ema, val_loader, engine.device, torch.float32), world_size)
         out.update({f"ema_{k}": v for k, v in ema_res.items()})
     return out
-
-
-def tune_malloc() -> bool:
-    """Make glibc keep freed memory for reuse (True if it took; False off glibc).
-
-    A training step frees and reallocates the same activation and gradient buffers. glibc
-    returns freed memory at the top of its heaps to the kernel (and serves blocks above a
-    moving threshold by fresh mmap), so every step faults the same pages in again: 3,000-
-    6,000 page faults and 7-12 ms of system time per step of the synthetic benchmark's
-    workers (``getrusage``, scratch). A fixed mmap threshold at glibc's maximum (32 MiB) and
-    a trim threshold of 1 GiB keep those pages mapped: about 20-50 faults per step; thread
-    arenas (Ray Train runs the loop in a thread) also need the 64 MiB top pad, or they unmap
-    emptied heaps. `bench/train_throughput.py`'s csl run, interleaved, 3 rounds: 517 samples/s
-    (median) against 465 with ``cluster.tune_malloc=false``. The price is that a worker's
-    resident memory stays at its peak, which it reaches every step anyway. Process-wide, so
-    DataLoader workers forked later inherit it.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # from glibc's malloc.h
-    return all(mallopt(opt, value) for opt, value in
-               ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)))
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
@@ -401,8 +443,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train
 
     cfg = Config.model_validate(payload["config"])
-    if cfg.cluster.tune_malloc:
-        tune_malloc()
     ctx = ray.train.get_context()
 
     @contextlib.contextmanager
@@ -419,4 +459,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(local_dir) if local_dir else None
         ray.train.report(clean, checkpoint=checkpoint, checkpoint_dir_name=name)
 
-    run_training(cfg, payload["run_dir"], ctx.get_world_rank(), ctx.get_world_size(), Hooks(report, restore_dir))
+    from .console import progress_sink
+
+    hooks = Hooks(report, restore_dir, progress_sink(payload.get("console")))
+    run_training(cfg, payload["run_dir"], ctx.get_world_rank(), ctx.get_world_size(), hooks)
