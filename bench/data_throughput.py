@@ -18,6 +18,11 @@ batches, randomly flipped, with their labels.
   process count, never per process; per-process rates are printed for reading only.
 * ``stream``: `ShardStream(root, "train", batch_size=32, image_size=224)` with its defaults
   (shuffle buffer 1,000, train flips), one epoch, from the local shard folder and from S3.
+* ``stream augmented``: the same local stream with the reference's training augmentations
+  (`augment.REFERENCE`: Cutout 0.5 and RandAugment on timm's ops, no flip), at 1 and N
+  processes; its ratio to the plain stream is reported (no bar), with the CPU ms per sample of
+  both in-process (`num_workers=0`: every decode and op runs in this process, so its
+  `time.process_time()` is their whole cost).
 * ``reference``: the public reference code's layout, re-implemented here: one file per image
   `{dir}/{key}.jpg` and a CSV `key,labels` (MID:1 / MID:0 pairs), a torch Dataset that opens
   each file, decodes it fully with PIL (no draft), resizes to 224, flips, normalises with torch
@@ -74,6 +79,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from data_shards.augment import REFERENCE, AugmentSpec  # noqa: E402
 from data_shards.decode import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize  # noqa: E402
 from data_shards.format import ClassInfo, Record  # noqa: E402
 from data_shards.storage import get_fs  # noqa: E402
@@ -320,12 +326,14 @@ def main() -> int:
         write_reference_s3(s3_ref, records, classes)
         print(f"setup {time.perf_counter() - t0:.1f} s (shards and per-image files, local and on moto at {endpoint})")
 
-        def stream(root: str, workers: int) -> ShardStream:
-            return ShardStream(root, "train", batch_size=b, image_size=SIZE, num_workers=workers, seed=args.seed)
+        def stream(root: str, workers: int, augment: AugmentSpec | None = None) -> ShardStream:
+            return ShardStream(root, "train", batch_size=b, image_size=SIZE, num_workers=workers, seed=args.seed,
+                               augment=augment)
 
         ref_local = ReferenceDataset(os.path.join(tmp.name, "ref"), classes)
         ref_s3 = ReferenceDataset(s3_ref, classes)
         streams = {k: stream(*k) for k in [(local, 0), (local, nw), (s3_root, nw)]}
+        augmented = {w: stream(local, w, REFERENCE) for w in (0, nw)}
         contenders: list[tuple[str, int, Callable[[], tuple[int, float]]]] = [
             ("ceiling: decode in memory", 1, lambda: run_ceiling(photos, n, 1, b)),
             ("stream local, workers=0", 1, lambda: run_stream(streams[(local, 0)])),
@@ -334,17 +342,21 @@ def main() -> int:
             (f"reference local files, workers={nw}", nw, lambda: run_reference(ref_local, nw, b)),
             (f"stream S3, workers={nw}", nw, lambda: run_stream(streams[(s3_root, nw)])),
             (f"reference S3 objects, workers={nw}", nw, lambda: run_reference(ref_s3, nw, b)),
+            ("stream local augmented, workers=0", 1, lambda: run_stream(augmented[0])),
+            (f"stream local augmented, workers={nw}", nw, lambda: run_stream(augmented[nw])),
         ]
         rates: list[list[float]] = [[] for _ in contenders]
+        cpu: list[list[float]] = [[] for _ in contenders]  # this process's CPU s per sample
         firsts: list[list[float]] = [[] for _ in contenders]
         for r in range(args.rounds):
             line = []
             for j in range(len(contenders)):
                 k = (j + r) % len(contenders)  # rotate who goes first: drift hits everyone alike
                 name, procs, fn = contenders[k]
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 got, first = fn()
                 dt = time.perf_counter() - t
+                cpu[k].append((time.process_time() - c) / n)
                 firsts[k].append(first)
                 if got != n:
                     raise RuntimeError(f"{name}: produced {got} samples, expected {n}")
@@ -369,7 +381,7 @@ def main() -> int:
               f"(2 members x 512), {lb['padding']:.0f} B block padding, "
               f"{lb['end_of_archive']:.1f} B end-of-archive blocks")
 
-        c1, s0, cn, sn, rl, s3, r3 = med
+        c1, s0, cn, sn, rl, s3, r3, a0, an = med
         bars = [
             ("stream/ceiling at 1 process", f"stream workers=0 / ceiling 1 process       = {s0 / c1:6.2f}  (bar >= 0.85)",
              s0 / c1 >= 0.85),
@@ -385,6 +397,9 @@ def main() -> int:
             print(f"{verdict(ok)}  {text}")
         print(f"info  stream local / reference local (workers={nw}) = {sn / rl:.2f}x; "
               f"stream S3 / stream local = {s3 / sn:.2f}")
+        p_ms, a_ms = (statistics.median(cpu[k]) * 1e3 for k in (1, 7))  # the workers=0 streams, all in-process
+        print(f"info  augmented (reference Cutout + RandAugment) / plain stream: samples/s {a0 / s0:.2f} at 1 process, "
+              f"{an / sn:.2f} at {nw}; CPU per sample in-process {a_ms:.2f} ms vs {p_ms:.2f} ms = {a_ms / p_ms:.2f}x")
         failed = [short for short, _, ok in bars if not ok]
         print()
         print(f"summary: {len(bars) - len(failed)}/{len(bars)} bars pass; stream {sn:.0f}/s vs ceiling {cn:.0f}/s "
