@@ -36,12 +36,12 @@ from .pipeline import stage_config, training_done
 __all__ = ["run_demo"]
 
 
-def _train(cfg: Config) -> dict[str, Any]:
+def _train(cfg: Config, verbose: bool) -> dict[str, Any]:
     from .launch import launch
 
     done = training_done(cfg)
     if done is None:
-        launch(cfg)
+        launch(cfg, verbose)
         done = training_done(cfg)
     assert done is not None
     return done
@@ -175,7 +175,8 @@ def _report(results: dict[str, Any], figures: list[str]) -> str:
 
 
 def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image_size: int = 64, epochs: int = 8,
-             workers: int = 2, seed: int = 0, overrides: list[str] | None = None) -> dict[str, Any]:
+             workers: int = 2, seed: int = 0, overrides: list[str] | None = None,
+             verbose: bool = False) -> dict[str, Any]:
     import ray
 
     from data_shards.sources.synthetic import build_synthetic
@@ -193,11 +194,11 @@ def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image
     base = load_config("synthetic-cpu", [f"data.root={data}", f"data.image_size={image_size}", f"train.epochs={epochs}",
                                          f"train.seed={seed}", f"cluster.workers={workers}", *(overrides or [])])
     runs = os.path.join(out, "runs")
-    started_ray = ensure_ray()  # one cluster for all five stages
+    started_ray = ensure_ray(verbose)  # one cluster for all five stages
     try:
         cfgs = {"ignore": stage_config(base, runs, "ignore", loss_name="ignore", prior_path=None),
                 "negative": stage_config(base, runs, "negative", loss_name="negative", prior_path=None)}
-        evals = {k: _train(c) for k, c in cfgs.items()}
+        evals = {k: _train(c, verbose) for k, c in cfgs.items()}
         priors = {}
         for k in ("ignore", "negative"):
             csv = os.path.join(out, "priors", f"{k}.csv")
@@ -208,7 +209,7 @@ def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image
                 priors[k] = estimate_priors(resolve_checkpoint(run_dir_of(cfgs[k])), data, split="train", out=csv)
         cfgs["selective"] = stage_config(base, runs, "selective", loss_name="csl",
                                          prior_path=os.path.join(out, "priors", "ignore.csv"))
-        evals["selective"] = _train(cfgs["selective"])
+        evals["selective"] = _train(cfgs["selective"], verbose)
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()

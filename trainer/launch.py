@@ -12,6 +12,9 @@ the run folder as a string); the worker rebuilds the typed config (see `loop.py`
 
 Remote storage goes through our own fsspec filesystem wrapped for pyarrow, so Ray sees the
 same endpoint and credentials as the data reader (e.g. a MinIO or the test server).
+
+The console shows the driver's own lines (progress, checkpoints, evaluations, failures) and
+leaves worker output to files unless `verbose`; `console.py` says how and why.
 """
 
 from __future__ import annotations
@@ -134,12 +137,9 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
         )
 
 
-# What a local cluster started by `ensure_ray` leaves off; each is an environment default, so
-# a user's own setting wins. On 2 cores, Ray's own processes (GCS, raylet, dashboard, log
-# monitor, six Train actors) take 13-14% of one core from the training ranks. Scratch, 2026-11-22,
-# interleaved: during the benchmark's csl run these four take them from 14.2 / 13.2 / 14.0% to
-# 11.0 / 11.6 / 11.7% of a core (per-process /proc CPU over 100 steps), and an idle 2-worker
-# Train job from 15.2 / 13.9% to 12.7 / 11.7% (/proc/stat over 20 s).
+# What a local cluster started by `ensure_ray` leaves off: services only a multi-node or monitored
+# cluster uses, whose CPU on a small machine would come out of training. Each is an environment
+# default, so a user's own setting wins.
 LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one machine: no spot nodes to be preempted
     "RAY_TRAIN_METRICS_ENABLED": "0",  # Train's Prometheus metrics: nothing scrapes a local cluster
@@ -148,7 +148,7 @@ LOCAL_RAY_ENV = {
 }
 
 
-def ensure_ray() -> bool:
+def ensure_ray(verbose: bool = False) -> bool:
     """Join the cluster at RAY_ADDRESS, else start a local one; True if this call started Ray.
 
     The local cluster keeps Ray's dashboard process (on 127.0.0.1): Ray Train's placement
@@ -156,46 +156,63 @@ def ensure_ray() -> bool:
     cannot clean up after a crashed controller. It leaves off what only a multi-node or
     monitored cluster uses (`LOCAL_RAY_ENV`, set in this process's environment, which Ray's
     processes and the Train controller inherit). A cluster at RAY_ADDRESS is the operator's.
+    Unless `verbose`, workers' output stays in their log files and Ray's own records keep one
+    line each on this console (see `console.py`).
     """
     import ray
 
     if ray.is_initialized():
         return False
+    if not verbose:
+        from .console import quiet_ray_logging
+
+        quiet_ray_logging()  # before init: it logs too (token auth, "Started a local Ray instance")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=verbose)
     else:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
-        ray.init(log_to_driver=True, dashboard_host="127.0.0.1")
+        ray.init(log_to_driver=verbose, dashboard_host="127.0.0.1")
     return True
 
 
-def launch(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) training; returns the final metrics reported by rank 0."""
+def _train_worker(payload: dict[str, Any]) -> None:
+    """Ray Train's entry point: this rank's Python logging to its file, then the loop."""
+    import ray.train
+
+    from .console import worker_logging
+    from .loop import train_loop_per_worker
+
+    with worker_logging(payload["run_dir"], ray.train.get_context().get_world_rank()):
+        train_loop_per_worker(payload)
+
+
+def _log_places(run_dir: str) -> tuple[str, str]:
+    """(the driver's Ray log file, the console line that says where the logs are) for this run."""
+    from .console import ray_log_dir
+
+    if is_remote(run_dir):  # an object store takes no appends: Ray's own log folders
+        here, name = ray_log_dir(), run_dir.rstrip("/").rsplit("/", 1)[-1]
+        return (os.path.join(here, f"csl-driver-{name}.log"),
+                f"logs: in Ray's log folder on each node ({here} here, with csl-driver-{name}.log from this driver)")
+    logs = os.path.join(run_dir, "logs")
+    return os.path.join(logs, "driver.log"), f"logs: {logs} (rank*.log from the workers, driver.log from Ray here)"
+
+
+def _trainer(cfg: Config, run_dir: str, console_channel: Any) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .loop import train_loop_per_worker
+    from .console import console_callback
 
-    check_inputs(cfg)
-    run_dir = run_dir_of(cfg)
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from:
-        check_resumable(cfg, resume_from)
-        print(f"resuming run {cfg.run.name!r} from {resume_from}", flush=True)
-    else:
-        print(f"starting run {cfg.run.name!r} in {run_dir}", flush=True)
-    cfg.save_resolved(join(run_dir, "config.yaml"))
-
-    ensure_ray()
     storage_path, storage_fs = _storage_for_ray(cfg.run.storage)
     use_gpu = cfg.cluster.gpus_per_worker > 0
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": run_dir},
+    return TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": run_dir, "console": console_channel},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -205,11 +222,49 @@ def launch(cfg: Config) -> dict[str, Any]:
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=[console_callback(console_channel)],
         ),
     )
+
+
+def launch(cfg: Config, verbose: bool = False) -> dict[str, Any]:
+    """Run (or resume) training; returns the final metrics reported by rank 0."""
+    from ray.train import TrainingFailedError  # imports Ray Data, which sets up its logger: quieted below
+
+    from .console import DriverConsole, driver_log, failure_summary, quiet_ray_logging
+
+    check_inputs(cfg)
+    run_dir = run_dir_of(cfg)
+    resume_from = latest_checkpoint(run_dir)
+    start_step = 0
+    if resume_from:
+        check_resumable(cfg, resume_from)
+        start_step = int(read_state(resume_from)["step"])
+        print(f"resuming run {cfg.run.name!r} from {resume_from} (step {start_step})", flush=True)
+    else:
+        print(f"starting run {cfg.run.name!r} in {run_dir}", flush=True)
+    cfg.save_resolved(join(run_dir, "config.yaml"))
+
+    ensure_ray(verbose)
+    if not verbose:
+        quiet_ray_logging()  # again, for the loggers imported since Ray started
+    driver_log_path, where = _log_places(run_dir)
+    print(where, flush=True)
+    console = DriverConsole(run_dir, start_step=start_step, max_failures=cfg.cluster.max_failures)
     t0 = time.time()
-    result = trainer.fit()
+    with driver_log(driver_log_path):
+        try:
+            result = _trainer(cfg, run_dir, console.start()).fit()
+        except TrainingFailedError as e:  # its text holds every rank's traceback: one line here
+            raise RuntimeError(f"training run {cfg.run.name!r} failed: {failure_summary(e)} "
+                               f"(in full: {driver_log_path})") from e
+        finally:
+            console.close()
     if result.error is not None:
         raise RuntimeError(f"training run {cfg.run.name!r} failed: {result.error}") from result.error
-    print(f"run {cfg.run.name!r} finished in {time.time() - t0:.0f}s; checkpoint {result.checkpoint.path if result.checkpoint else None}", flush=True)
+    if resume_from and not console.checkpoints:  # the loop found nothing to train and wrote nothing
+        print(f"run {cfg.run.name!r} already finished at step {start_step}: nothing to do", flush=True)
+    else:
+        last = join(run_dir, os.path.basename(result.checkpoint.path)) if result.checkpoint else None
+        print(f"run {cfg.run.name!r} finished in {time.time() - t0:.0f}s; checkpoint {last}", flush=True)
     return dict(result.metrics or {})
