@@ -7,11 +7,14 @@ Design notes:
   by the data pipeline) to logits ``[B, C]``; the loss applies the sigmoid.
 - The registry is a plain dict of builders. ``small-cnn`` is the CPU default: a ResNet-18
   style network cut to one basic block per stage (about 1.2M parameters) so that a demo
-  trains in minutes on two cores. ``resnet50`` is written out here rather than imported
-  from torchvision, which has no CPU build for our torch; it keeps torchvision's
-  state-dict names (``conv1``, ``layer4.2.bn3.running_var``, ``fc``) so ImageNet weights in
-  that naming load unchanged. ``timm:<name>`` backbones exist only where timm is installed
-  (the ``gpu`` extra) and timm is imported only when such a model is asked for.
+  trains in minutes on two cores. ``resnet50`` is torchvision's (``weights=None``) with our
+  head as its ``fc``: its state-dict names (``conv1``, ``layer4.2.bn3.running_var``) are
+  the ones ImageNet files in torchvision naming carry, so they load unchanged. It replaced a
+  hand-written copy kept only while torchvision had no build for our torch: now that it is a
+  dependency, a second ResNet-50 to maintain served nobody. ``timm:<name>`` builds any timm
+  body (``timm:tresnet_m``, the paper's) with our head.
+- torchvision and timm are dependencies but imported only when a model needs them: importing
+  timm costs seconds, and small-cnn, the CLI and Ray workers that never build one skip it.
 - Every model names its head ``fc``: a ``Linear`` or, as the reference does for
   OpenImages, a bottleneck ``Linear -> ReLU -> Linear``. Pretrained files therefore load
   with ``strict=False``: the backbone matches, the head (sized for another class count) is
@@ -22,7 +25,6 @@ Design notes:
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import logging
 from collections.abc import Callable
@@ -37,7 +39,6 @@ from trainer.config import ModelConfig
 __all__ = [
     "MODELS",
     "PretrainedReport",
-    "ResNet50",
     "SmallCNN",
     "TimmClassifier",
     "build_model",
@@ -98,7 +99,7 @@ class SmallCNN(nn.Module):
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
             # Stage 1 keeps the stem's resolution (ResNet layout): 64 px ends at 4x4. Striding it
-            # too measured 2.4x faster but leaves a 2x2 map; this layout is already ~500 img/s.
+            # too is faster but leaves a 2x2 map, too coarse for several objects per image.
             layers.append(_BasicBlock(cin, w, stride=1 if i == 0 else 2))
             cin = w
         self.layers = nn.Sequential(*layers)
@@ -117,68 +118,20 @@ class SmallCNN(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# resnet50 (torchvision naming, ResNet v1.5: the stride sits on the 3x3 conv)
+# resnet50: torchvision's, with our head
 
 
-class _Bottleneck(nn.Module):
-    expansion = 4
+def _build_resnet50(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    from torchvision.models import resnet50  # noqa: PLC0415  (heavy: imported only for this model)
 
-    def __init__(self, cin: int, width: int, stride: int) -> None:
-        super().__init__()
-        cout = width * self.expansion
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        nn.init.zeros_(self.bn3.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class ResNet50(nn.Module):
-    def __init__(self, num_classes: int, head: str = "linear", bottleneck_dim: int = 2048,
-                 blocks: tuple[int, ...] = (3, 4, 6, 3)) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        cin = 64
-        for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
-            stage = []
-            for j in range(n):
-                stage.append(_Bottleneck(cin, width, stride=2 if (j == 0 and i > 0) else 1))
-                cin = width * _Bottleneck.expansion
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = cin
-        self.fc = make_head(head, cin, num_classes, bottleneck_dim)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
+    # zero_init_residual: each block starts as identity, as small-cnn's do (steadier from scratch).
+    model = resnet50(weights=None, zero_init_residual=True)
+    model.fc = make_head(cfg.head, model.fc.in_features, num_classes, cfg.bottleneck_dim)
+    return model
 
 
 # ---------------------------------------------------------------------------------------
-# timm (GPU image only)
+# timm
 
 
 class TimmClassifier(nn.Module):
@@ -198,12 +151,7 @@ class TimmClassifier(nn.Module):
 
 
 def _build_timm(name: str, cfg: ModelConfig, num_classes: int) -> nn.Module:
-    if importlib.util.find_spec("timm") is None:
-        raise ValueError(
-            f"model.name {cfg.name!r} needs timm, which is in the `gpu` extra (pip install 'csl-train[gpu]'); "
-            "on CPU use small-cnn or resnet50"
-        )
-    import timm  # noqa: PLC0415  (optional: imported only for timm models)
+    import timm  # noqa: PLC0415  (heavy: imported only for timm models)
 
     try:
         body = timm.create_model(name, pretrained=False, num_classes=0)
@@ -214,7 +162,7 @@ def _build_timm(name: str, cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "small-cnn": lambda cfg, c: SmallCNN(c, cfg.head, cfg.bottleneck_dim),
-    "resnet50": lambda cfg, c: ResNet50(c, cfg.head, cfg.bottleneck_dim),
+    "resnet50": _build_resnet50,
 }
 
 
@@ -222,11 +170,9 @@ def channels_last(model: nn.Module) -> nn.Module:
     """The model with NHWC weights, in place; its inputs may stay NCHW (the first convolution
     converts them).
 
-    oneDNN's convolutions on CPU (and cuDNN's under bf16 on GPU) run faster in NHWC: a
-    training step of small-cnn at 64 px, batch 32, on one core of the build machine took
-    85 ms against 115 ms in NCHW. Not for modules DeepSpeed holds in flat ZeRO or bf16
-    buffers (`Engine` applies it only where DeepSpeed leaves parameters alone). State dicts
-    of such a model must be made contiguous before `safetensors` saves them.
+    cuDNN's convolutions under bf16 on GPU (and oneDNN's on CPU) run faster in NHWC. Where it
+    may be applied to a model DeepSpeed holds is `Engine`'s decision. State dicts of such a
+    model must be made contiguous before `safetensors` saves them.
     """
     return model.to(memory_format=torch.channels_last)
 
@@ -301,7 +247,10 @@ def load_pretrained(model: nn.Module, path_or_url: str) -> PretrainedReport:
     state = read_weights(path_or_url)
     prefix = getattr(model, "backbone_prefix", "")
     own = model.state_dict()
-    if prefix and not any(k.startswith(prefix) for k in state):
+    # A timm file names the body's keys without our prefix; whether it has it is decided by
+    # which naming matches more keys, not by the prefix's presence: TResNet's own keys start
+    # with `body.` too (its trunk is named `body`).
+    if prefix and sum(prefix + k in own for k in state) > sum(k in own for k in state):
         state = {prefix + k: v for k, v in state.items()}
     report = PretrainedReport()
     usable = {}
