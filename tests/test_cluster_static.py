@@ -6,7 +6,7 @@ a small kustomize equivalent (resources + JSON 6902 patches, the only features t
 use; anything else is rejected so it cannot be silently ignored) that builds every overlay.
 
 What is static: the Dockerfile, parsed with dockerfile-parse, against the invariants of issue
-6 (pinned Ray base matching pyproject, CUDA torch from the matching index, the gpu extra,
+6 (pinned Ray base matching pyproject, CUDA torch from the matching index, timm and torchvision,
 non-root, no credentials, dependency layers before code layers, a `csl --help` health check);
 every manifest, before and after the overlays, against `cluster/k8s/schema/` (every field name
 KubeRay v1.7.0's CRDs accept, with `additionalProperties: false`, so a misspelt field fails and

@@ -314,3 +314,22 @@ def test_handoff_without_a_free_slot_falls_back_to_torch_tensors(ds, monkeypatch
     got = list(ShardStream(ds, "train", **kw))
     assert _same(got, ref)
     assert all(b["target"].dtype == torch.int8 and b["shard"].dtype == torch.int64 for b in got)
+
+
+def test_zero_copy_lends_the_slot_until_the_next_batch(ds):
+    """The uint8 image is the shared slot itself (no copy), holding the same pixels as the owned
+    copy for as long as the consumer has not asked for the next batch."""
+    kw = dict(batch_size=4, image_size=8, seed=3, shuffle_buffer=5, num_workers=2, output="uint8")
+    owned = list(ShardStream(ds, "train", **kw))
+    s = ShardStream(ds, "train", zero_copy=True, **kw)
+    lent, in_slot = [], []
+    for b in s:
+        in_slot.append(np.shares_memory(b["image"].numpy(), s._dataset.pool.images))
+        lent.append((b["key"], b["image"].clone(), b["target"]))
+    assert all(in_slot)
+    assert [k for k, _, _ in lent] == [b["key"] for b in owned]
+    assert all(torch.equal(a["image"], img) and torch.equal(a["target"], t) for a, (_, img, t) in zip(owned, lent))
+    assert not any(np.shares_memory(t.numpy(), s._dataset.pool.targets) for _, _, t in lent)  # targets are owned
+    for bad in (dict(output="float"), dict(output="uint8", pin_memory=True)):
+        with pytest.raises(ValueError, match="zero_copy|pin_memory"):
+            ShardStream(ds, "train", batch_size=4, image_size=8, zero_copy=True, **bad)

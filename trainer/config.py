@@ -39,21 +39,25 @@ from typing import Annotated, Any, Literal
 
 import fsspec
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
-                      ValidationError)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, StrictBool,
+                      StrictInt, ValidationError, ValidationInfo, model_validator)
 from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "AugmentConfig",
     "CheckpointConfig",
     "ClusterConfig",
     "Config",
     "ConfigError",
+    "CutoutConfig",
     "DataConfig",
+    "DebugConfig",
     "DeepSpeedConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
     "PriorConfig",
+    "RandAugmentConfig",
     "RunConfig",
     "TrainConfig",
     "available_presets",
@@ -101,6 +105,59 @@ class _Section(BaseModel):
                               allow_inf_nan=False)
 
 
+def _switch(value: Any) -> Any:
+    # An augmentation given as a bool: true is on with the defaults, false is off.
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+def _fill(value: Any) -> Any:
+    if value == "random":
+        return value
+    if (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(type(v) is int and 0 <= v <= 255 for v in value)):
+        return list(value)
+    raise PydanticCustomError("fill", "must be 'random' or [r, g, b] with each 0-255")
+
+
+class CutoutConfig(_Section):
+    """A square of `fraction` x the image side, centred anywhere (clipped at the borders)."""
+
+    enabled: StrictBool = True
+    fraction: _Float = Field(0.5, gt=0, le=1, description="side of the square / side of the image")
+    fill: Annotated[str | list[int], PlainValidator(_fill)] = Field(
+        "random", description="'random' (one colour per image) or [r, g, b]")
+
+
+class RandAugmentConfig(_Section):
+    """timm's RandAugment ops, drawn as the reference draws them (data_shards/augment.py)."""
+
+    enabled: StrictBool = True
+    num_ops: StrictInt = Field(2, ge=1, description="ops per image, each applied with probability 0.5")
+    magnitude: _Float = Field(10.0, ge=0, le=10, description="upper end of each op's uniform magnitude draw "
+                              "(timm's 0-10 scale)")
+
+
+class AugmentConfig(_Section):
+    """Training only: evaluation and the prior pass never augment. `cutout` and `randaugment`
+    take false (off), true (on, with the defaults: the reference's) or a mapping of settings
+    (on unless it says `enabled: false`)."""
+
+    flip: StrictBool = Field(True, description="random horizontal flip")
+    cutout: Annotated[CutoutConfig, BeforeValidator(_switch)] = Field(
+        default_factory=lambda: CutoutConfig(enabled=False))
+    randaugment: Annotated[RandAugmentConfig, BeforeValidator(_switch)] = Field(
+        default_factory=lambda: RandAugmentConfig(enabled=False))
+
+    def spec(self) -> Any:
+        """The plain `data_shards.augment.AugmentSpec` the training stream takes."""
+        from data_shards.augment import AugmentSpec, CutoutSpec, RandAugmentSpec
+
+        c, r = self.cutout, self.randaugment
+        fill = None if c.fill == "random" else tuple(c.fill)
+        return AugmentSpec(flip=self.flip, cutout=CutoutSpec(c.fraction, fill) if c.enabled else None,
+                           randaugment=RandAugmentSpec(r.num_ops, r.magnitude) if r.enabled else None)
+
+
 class DataConfig(_Section):
     root: str = "runs/data/synthetic"
     # ShardStream (data_shards/stream.py) needs batch_size, shuffle_buffer, image_size >= 1 (the
@@ -113,6 +170,7 @@ class DataConfig(_Section):
     corrupt: Literal["skip", "fail"] = "skip"
     train_split: str = "train"
     val_split: str = "val"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class ModelConfig(_Section):
@@ -120,7 +178,8 @@ class ModelConfig(_Section):
     pretrained: str | None = Field(None, description="local path or fsspec URL of .safetensors/.pt weights")
     head: Literal["linear", "bottleneck"] = "linear"
     bottleneck_dim: StrictInt = Field(2048, ge=1)  # nn.Linear width (models.make_head)
-    channels_last: StrictBool = Field(True, description="NHWC weights and activations (faster convolutions on CPU and GPU)")
+    channels_last: StrictBool = Field(True, description="NHWC activations at every ZeRO stage and precision "
+                                      "(faster convolutions on CPU and GPU); weights keep DeepSpeed's layout")
 
 
 class LossConfig(_Section):
@@ -204,13 +263,38 @@ class ClusterConfig(_Section):
     gpus_per_worker: Annotated[_Float, AfterValidator(_ray_quantity)] = Field(0.0, ge=0)
     cpus_per_worker: _Float = Field(1.0, ge=1e-4)
     max_failures: StrictInt = Field(1, ge=-1, description="-1: retry forever (Ray's convention)")
-    tune_malloc: StrictBool = Field(True, description="glibc workers keep freed memory for reuse (see loop.tune_malloc)")
-    shm_allreduce: StrictBool = Field(True, description="CPU ranks on one machine average gradients through /dev/shm "
-                                "(ZeRO-0 fp32; see trainer/shm_allreduce.py)")
 
 
 class DeepSpeedConfig(_Section):
     zero_stage: StrictInt = Field(0, ge=0, le=3)
+
+
+class DebugConfig(_Section):
+    """Aids for failure and exactly-once tests, all off by default. They reach the workers inside
+    the config like every other setting (no environment variables read by workers)."""
+
+    fault_step: StrictInt | None = Field(None, ge=1, description="SIGKILL rank `fault_rank` right after this "
+                                         "optimizer step, once; needs fault_marker")
+    fault_rank: StrictInt = Field(0, ge=0, description="the rank fault_step kills (a rank the run lacks: none)")
+    fault_marker: str | None = Field(None, description="local file written as the fault fires; while it exists the "
+                                     "fault does not fire again, so the restarted worker trains on")
+    # Ray's controller registers a reported checkpoint at its next poll of the workers (every
+    # 2 s): a kill inside that window rightly loses it, and a test's resume point would be a race.
+    fault_delay_s: _Float = Field(3.0, ge=0, description="seconds to wait before the kill")
+    record_keys: str | None = Field(None, description="local folder: each rank appends `pid epoch step key` "
+                                    "lines to rank{r}.txt, the samples of each optimizer step")
+
+    @model_validator(mode="after")
+    def _marker_with_fault(self) -> "DebugConfig":
+        if self.fault_step is not None and not self.fault_marker:
+            raise ValueError("debug.fault_step needs debug.fault_marker (the fault would fire again after each restart)")
+        return self
+
+
+# Keys earlier versions had. A checkpoint's saved config (csl_state.json) may still name them
+# and reads without them; a config file or override naming one fails as an unknown key
+# (`load_config` validates with the context {"user_config": True}).
+_REMOVED_KEYS = {"cluster": ("tune_malloc", "shm_allreduce")}
 
 
 class Config(_Section):
@@ -224,6 +308,18 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_removed_keys(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or (info.context or {}).get("user_config"):
+            return data
+        out = dict(data)
+        for section, keys in _REMOVED_KEYS.items():
+            if isinstance(out.get(section), dict):
+                out[section] = {k: v for k, v in out[section].items() if k not in keys}
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -358,7 +454,7 @@ def load_config(preset_or_path: str = "synthetic-cpu", overrides: list[str] | No
     for override in overrides or []:
         _apply_override(tree, override, sources)
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(tree, context={"user_config": True})
     except ValidationError as e:
         errors = e.errors(include_url=False)
         first = _describe(errors[0], sources, where)

@@ -115,7 +115,7 @@ def _stream_scores(model: Any, data: str, split: str, manifest: Manifest, shards
         return
     stream = ShardStream(data, split, manifest=_sub_manifest(manifest, split, shards), batch_size=batch_size,
                          image_size=image_size, num_workers=workers, shuffle=False, train_transform=False,
-                         output="uint8", persistent_workers=False)
+                         output="uint8", persistent_workers=False, pin_memory=device.type == "cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     for batch in stream:
         sh = batch["shard"].numpy()
