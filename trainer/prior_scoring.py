@@ -3,8 +3,9 @@
 `score_shards` reads a list of shards with the training stream in evaluation order
 (`ShardStream(shuffle=False, train_transform=False)`: one tar reader and one decode for the
 whole project): its loader worker processes decode while the model runs, batches arrive as
-uint8 and are normalised on the model's device (a quarter of the host-to-device bytes of
-float32), and the model runs under bf16 autocast on a GPU. No second decode loop exists.
+uint8 and `DevicePrefetcher` copies and normalises them on the model's device one batch ahead
+(a quarter of the host-to-device bytes of float32), and the model runs under bf16 autocast on
+a GPU. No second decode loop exists.
 
 Per shard it keeps float64 sums of the sigmoid outputs, the scored and the skipped (corrupt)
 counts and the positive-annotation counts, and hands the shard out (`ShardScore`) as soon as
@@ -92,22 +93,25 @@ def _stream_scores(model: Any, data: str, split: str, manifest: Manifest, shards
     """One stream over `shards`; yields each shard once it is complete (see the module docstring)."""
     import torch
 
-    from data_shards.decode import normalize
     from data_shards.stream import ShardStream
+
+    from .prefetch import DevicePrefetcher
 
     c = manifest.num_classes
     expected = [manifest.split(split).shards[i].samples for i in shards]
     scored = np.zeros(len(shards), dtype=np.int64)
     skipped = np.zeros(len(shards), dtype=np.int64)
     sums: dict[int, Any] = {}
-    pos: dict[int, np.ndarray] = {}
+    pos: dict[int, Any] = {}
     finished = np.zeros(len(shards), dtype=bool)
 
     def complete(j: int) -> ShardScore:
         finished[j] = True
         s = sums.pop(j, None)
-        total = s.cpu().numpy() if s is not None else np.zeros(c)  # the one sync per shard
-        return ShardScore(shards[j], total, pos.pop(j, np.zeros(c, dtype=np.int64)), int(scored[j]), int(skipped[j]))
+        total = s.cpu().numpy() if s is not None else np.zeros(c)  # the syncs: once per shard
+        p = pos.pop(j, None)
+        positives = p.cpu().numpy() if p is not None else np.zeros(c, dtype=np.int64)
+        return ShardScore(shards[j], total, positives, int(scored[j]), int(skipped[j]))
 
     for j in np.flatnonzero(np.asarray(expected) == 0).tolist():
         yield complete(j)
@@ -117,21 +121,21 @@ def _stream_scores(model: Any, data: str, split: str, manifest: Manifest, shards
                          image_size=image_size, num_workers=workers, shuffle=False, train_transform=False,
                          output="uint8", persistent_workers=False, pin_memory=device.type == "cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    for batch in stream:
+    for batch in DevicePrefetcher(stream, device):  # copied and normalised one batch ahead
         sh = batch["shard"].numpy()
         bad = batch["corrupt_shard"].numpy()
         np.add.at(skipped, bad, 1)
         touched = set(bad.tolist())
         if len(sh):
             with torch.no_grad(), amp:
-                prob = model(normalize(batch["image"].to(device, non_blocking=True))).float().sigmoid()
-            target = batch["target"].numpy()
+                prob = model(batch["image"]).float().sigmoid()
+            target = batch["target"]
             cuts = [0, *(np.flatnonzero(np.diff(sh)) + 1).tolist(), len(sh)]
             for lo, hi in zip(cuts[:-1], cuts[1:]):
                 j = int(sh[lo])
                 if j not in sums:
                     sums[j] = torch.zeros(c, dtype=torch.float64, device=device)
-                    pos[j] = np.zeros(c, dtype=np.int64)
+                    pos[j] = torch.zeros(c, dtype=torch.int64, device=device)
                 sums[j] += prob[lo:hi].sum(0, dtype=torch.float64)
                 pos[j] += (target[lo:hi] == 1).sum(0)
                 scored[j] += hi - lo
