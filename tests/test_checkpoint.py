@@ -22,8 +22,9 @@ CLASSES = [ClassInfo(id=f"/m/{i}", name=f"c{i}") for i in range(C)]
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-def _checkpoint_folder(root: Path) -> Path:
-    """A checkpoint as training writes it: DeepSpeed's folder, the EMA, the weights, the state."""
+def _checkpoint_folder(root: Path, final: bool = True) -> Path:
+    """A checkpoint as training writes it: DeepSpeed's folder, the EMA, the raw weights (in the
+    final checkpoint), the state."""
     from trainer.checkpoint import save_checkpoint
     from trainer.config import load_config
     from trainer.engine import setup_engine
@@ -40,13 +41,24 @@ def _checkpoint_folder(root: Path) -> Path:
     state = {"step": 1, "stream": {}, "world_size": 1, "classes": [c.model_dump() for c in CLASSES],
              "config": cfg.model_dump(mode="json")}
     root.mkdir(parents=True)
-    save_checkpoint(engine, str(root), 0, state)
+    save_checkpoint(engine, str(root), 0, state, final=final)
     return root
 
 
 @pytest.fixture(scope="module")
 def local_ckpt(tmp_path_factory) -> Path:
     return _checkpoint_folder(tmp_path_factory.mktemp("ck") / "checkpoint_00000001")
+
+
+def test_a_periodic_checkpoint_of_an_ema_run_keeps_one_weights_file(tmp_path):
+    """18 bytes per parameter in bf16 training: DeepSpeed's 14 and the EMA's 4; the raw weights
+    are DeepSpeed's masters until the final checkpoint consolidates them."""
+    ckpt = _checkpoint_folder(tmp_path / "checkpoint_00000001", final=False)
+    assert set(os.listdir(ckpt)) - {"latest"} == {DS_TAG, EMA_FILE, STATE_FILE}
+    assert json.loads((ckpt / STATE_FILE).read_text())["final"] is False
+    assert read_weights(str(ckpt), "ema")
+    with pytest.raises(FileNotFoundError, match="only in its final checkpoint"):
+        read_weights(str(ckpt), "model")
 
 
 def test_layout_stores_the_ema_once(local_ckpt):

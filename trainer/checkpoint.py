@@ -8,18 +8,22 @@ i.e. once every rank reported) and checkpoint folders `checkpoint_{step:08d}/`:
 |---|---|---|---|
 | `ds/...` | every rank (DeepSpeed: module + per-rank optimizer state) | resume only | 12 fp32, 14 bf16 |
 | `ema.safetensors` | rank 0, fp32, when `train.ema_decay > 0`: the EMA, stored once | resume, readers | 4 |
-| `model.safetensors` | rank 0: fp32 master weights consolidated from the ZeRO partitions | readers | 4 |
-| `csl_state.json` | rank 0: step, stream cursor, world size, running-prior sums, classes, config | all | - |
+| `model.safetensors` | rank 0, fp32 masters consolidated from the ZeRO partitions: when there is no EMA, and in the run's final checkpoint | readers | 4 |
+| `csl_state.json` | rank 0: step, stream cursor, world size, running-prior sums, classes, config, `final` | all | - |
 | `running_prior.csv` | rank 0: the reference code's running prior (comparison only) | prior pass | - |
 
+So a checkpoint is 18 bytes per parameter in bf16 training (14 + one 4-byte weights file),
+with or without an EMA; only the run's last checkpoint adds the raw weights beside the EMA (22).
 Readers (eval, predict, export, the prior pass's actors) fetch `csl_state.json` and the ONE
-weights file they use, by URL: never the folder, never DeepSpeed's state. A reader of a bf16
-run's checkpoint thus reads 4 of its 22 bytes per parameter; at 9,600 classes with TResNet-M
-(53 M parameters) that is ~213 MB per reader, which matters when 88 prior-pass actors start.
+weights file they use, by URL: never the folder, never DeepSpeed's state. At 9,600 classes
+with TResNet-M (53 M parameters) that is ~213 MB per reader, which matters when 88 prior-pass
+actors start; a 64-GPU run's periodic checkpoint is ~0.95 GB plus DeepSpeed's per-rank files.
 
-Why the fp32 `model.safetensors` stays beside the EMA: the masters live partitioned across the
-ranks' optimizer files; consolidating them at save time is the only way a reader gets the raw
-model from one file, for 4 bytes per parameter per checkpoint.
+Why the raw weights skip the periodic checkpoints of an EMA run: the EMA is what evaluation,
+the prior pass and export use by default (`--weights auto`), and the raw fp32 masters are
+already in DeepSpeed's optimizer files for resume; a second copy would cost 4 bytes per
+parameter at every save and a gather of every ZeRO partition. The final checkpoint keeps them
+for `--weights model` (comparing raw and EMA, as the reference code does), consolidated once.
 
 Why DeepSpeed's folder is written locally, then reported: `save_checkpoint` is collective and
 writes per-rank files; `ray.train.report(checkpoint=...)` uploads every rank's files into one
@@ -47,6 +51,8 @@ __all__ = [
     "STATE_FILE",
     "checkpoint_name",
     "has_ema",
+    "weights_file",
+    "weights_url",
     "latest_checkpoint",
     "read_state",
     "read_weights",
@@ -100,33 +106,49 @@ def has_ema(ckpt: str) -> bool:
     return exists(join(ckpt, EMA_FILE))
 
 
+def weights_file(ckpt: str) -> str:
+    """The URL of the weights a reader takes by default (`auto`): the EMA where there is one."""
+    return join(ckpt, EMA_FILE if has_ema(ckpt) else MODEL_FILE)
+
+
+def weights_url(ckpt: str, weights: str) -> str:
+    """The URL of a checkpoint's EMA ("ema") or raw fp32 ("model") weights; a missing one is
+    refused saying why (no EMA in the run, or raw weights kept only in the final checkpoint)."""
+    url = join(ckpt, {"ema": EMA_FILE, "model": MODEL_FILE}[weights])
+    if exists(url):
+        return url
+    if weights == "ema":
+        raise FileNotFoundError(f"{ckpt}: no EMA weights (the run had train.ema_decay=0); use weights=model")
+    if has_ema(ckpt):
+        raise FileNotFoundError(f"{ckpt}: no raw weights here: an EMA run keeps them ({MODEL_FILE}) only in its final "
+                                f"checkpoint; use weights=ema, or the run's last checkpoint")
+    raise FileNotFoundError(f"{ckpt}: {MODEL_FILE} is missing")
+
+
 def read_weights(ckpt: str, weights: str) -> dict[str, torch.Tensor]:
     """The EMA ("ema") or raw fp32 ("model") weights of a checkpoint: one file, one read."""
     from safetensors.torch import load
 
-    name = {"ema": EMA_FILE, "model": MODEL_FILE}[weights]
-    try:
-        return load(read_bytes(join(ckpt, name)))
-    except FileNotFoundError:
-        if weights == "ema":
-            raise FileNotFoundError(f"{ckpt}: no EMA weights (the run had train.ema_decay=0); use weights=model") from None
-        raise FileNotFoundError(f"{ckpt}: {MODEL_FILE} is missing") from None
+    return load(read_bytes(weights_url(ckpt, weights)))
 
 
-def save_checkpoint(engine: Any, local_dir: str, rank: int, state: dict[str, Any] | None) -> None:
+def save_checkpoint(engine: Any, local_dir: str, rank: int, state: dict[str, Any] | None, *, final: bool = False) -> None:
     """Collective: every rank writes its DeepSpeed files into `local_dir`; rank 0 adds the EMA,
-    the consolidated weights and, last, `csl_state.json` (`state`, rank 0's)."""
+    the consolidated raw weights where they are kept (no EMA, or `final`) and, last,
+    `csl_state.json` (`state`, rank 0's)."""
     engine.save(local_dir, DS_TAG)
-    full = engine.consolidated_state_dict()  # collective: gathers ZeRO partitions
+    ema = engine.ema_module() is not None  # the same on every rank: one config
+    full = engine.consolidated_state_dict() if final or not ema else None  # collective: gathers ZeRO partitions
     if rank != 0:
         return
     from safetensors.torch import save_file
 
     assert state is not None, "rank 0 writes the state file"
-    save_file(full, os.path.join(local_dir, MODEL_FILE))
-    if engine.ema_module() is not None:
+    if full is not None:
+        save_file(full, os.path.join(local_dir, MODEL_FILE))
+    if ema:
         engine.save_ema(os.path.join(local_dir, EMA_FILE))
-    write_bytes_atomic(os.path.join(local_dir, STATE_FILE), json.dumps(state).encode())
+    write_bytes_atomic(os.path.join(local_dir, STATE_FILE), json.dumps({**state, "final": final}).encode())
 
 
 def restore_checkpoint(engine: Any, local_dir: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 from data_shards.partition import num_batches
 from data_shards.storage import exists, get_fs, is_remote, join, read_manifest, redact
 
-from .checkpoint import MODEL_FILE, latest_checkpoint, read_state
+from .checkpoint import latest_checkpoint, read_state, weights_file
 from .config import Config, ConfigError
 
 __all__ = ["run_dir_of", "launch", "check_inputs", "check_resumable", "ensure_ray"]
@@ -127,13 +127,13 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
         raise ValueError(
             f"run {cfg.run.name!r}: resuming with changed settings ({'; '.join(changed)}); the checkpoint's LR "
             f"schedule, optimizer state and data order were built for the old ones. Resume with the same settings, or "
-            f"start a new run.name with model.pretrained={join(checkpoint, MODEL_FILE)}"
+            f"start a new run.name with model.pretrained={weights_file(checkpoint)}"
         )
     if state["world_size"] != cfg.cluster.workers:
         raise ValueError(
             f"run {cfg.run.name!r}: checkpoint {checkpoint} was written by {state['world_size']} workers, this run has "
             f"cluster.workers={cfg.cluster.workers}; resume with cluster.workers={state['world_size']}, or start a new "
-            f"run.name with model.pretrained={join(checkpoint, MODEL_FILE)} (weights only, fresh optimizer)"
+            f"run.name with model.pretrained={weights_file(checkpoint)} (weights only, fresh optimizer)"
         )
 
 

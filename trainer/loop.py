@@ -300,8 +300,9 @@ def maybe_checkpoint(run: _Run) -> None:
     run.time_due = False
 
 
-def _checkpoint(run: _Run, metrics: dict[str, Any]) -> None:
-    """Collective: every rank saves and reports; rank 0 adds the state file and the running prior."""
+def _checkpoint(run: _Run, metrics: dict[str, Any], final: bool = False) -> None:
+    """Collective: every rank saves and reports; rank 0 adds the state file and the running prior.
+    `final`: the run's last checkpoint, which also keeps the raw weights of an EMA run."""
     num_classes = run.manifest.num_classes
     local = tempfile.mkdtemp(prefix=f"csl-ckpt-{run.rank}-")
     try:
@@ -318,7 +319,7 @@ def _checkpoint(run: _Run, metrics: dict[str, Any]) -> None:
                      "config": run.cfg.model_dump(mode="json")}
             assert run.log is not None
             run.log.flush()
-        save_checkpoint(run.engine, local, run.rank, state)  # collective
+        save_checkpoint(run.engine, local, run.rank, state, final=final)  # collective
         run.hooks.report({**metrics, "step": run.step, "epoch": run.epoch}, local, checkpoint_name(run.step))
     finally:
         shutil.rmtree(local, ignore_errors=True)
@@ -334,7 +335,7 @@ def _end_epoch(run: _Run, val_loader: Any, done: bool) -> dict[str, Any]:
                        **{f"val_{k}": v for k, v in result.items()}, "skipped_samples": skipped})
     result["skipped_samples"] = skipped
     if run.step > run.last_ckpt_step or done:
-        _checkpoint(run, result)
+        _checkpoint(run, result, final=done)
     return result
 
 

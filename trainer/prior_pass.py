@@ -85,7 +85,7 @@ import numpy as np
 from data_shards.format import ClassInfo, Manifest
 from data_shards.storage import exists, join, read_manifest, redact, write_bytes_atomic
 
-from .checkpoint import EMA_FILE, MODEL_FILE, RUNNING_PRIOR_FILE, has_ema, read_state, resolve_checkpoint
+from .checkpoint import RUNNING_PRIOR_FILE, has_ema, read_state, resolve_checkpoint, weights_url
 from .prior_records import (ShardRecord, encode_record, file_stamp, identity_digest, iter_records, open_records,
                             pass_identity, record_url, records_dir, remove_records)
 from .prior_scoring import SHARD_RETRIES, ShardScore, retrying, score_shards
@@ -275,11 +275,9 @@ def _checkpoint_meta(checkpoint: str, weights: str) -> tuple[str, dict[str, Any]
     state = read_state(ckpt)
     cfg = Config.model_validate(state["config"])
     classes = [ClassInfo.model_validate(c) for c in state["classes"]]
-    ema = has_ema(ckpt)
     if weights == "auto":
-        weights = "ema" if ema else "model"
-    if weights == "ema" and not ema:
-        raise FileNotFoundError(f"{ckpt}: no EMA weights (the run had train.ema_decay=0); use --weights model")
+        weights = "ema" if has_ema(ckpt) else "model"
+    weights_url(ckpt, weights)  # a missing weights file is refused here, saying why
     return ckpt, cfg.model_dump(mode="json"), classes, weights
 
 
@@ -335,7 +333,7 @@ def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train
 
     # before any Ray work: a refused rerun costs a few metadata reads, not a cluster start
     folder = records_dir(out)
-    weights_file = file_stamp(join(ckpt, EMA_FILE if weights == "ema" else MODEL_FILE))
+    weights_file = file_stamp(weights_url(ckpt, weights))
     identity = pass_identity(checkpoint=ckpt, weights=weights, weights_file=weights_file, split=split, shards=shards,
                              image_size=cfg["data"]["image_size"], class_ids=[c.id for c in manifest.classes])
     digest = identity_digest(identity)
