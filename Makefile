@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/csl demo
 
+# Two pytest workers: integration tests run one at a time in one lane (each sizes its Ray
+# cluster for the machine), unit tests beside them in the other (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
 
 test-unit: install
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not integration"
 
 bench: install
 	$(BIN)/python bench/data_throughput.py

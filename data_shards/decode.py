@@ -9,10 +9,9 @@ there (`trainer/prefetch.py`).
 Choices and their costs:
 - JPEG draft mode. `Image.draft("RGB", (S, S))` lets libjpeg decode at 1/2, 1/4 or 1/8 scale
   (DCT scaling) while keeping both sides >= S, so a 1024px photo resized to 224 decodes a quarter
-  of the pixels. Measured on one core of the build machine (an OpenImages photo re-encoded at
-  OpenImages original sizes): 1600x1067 -> 224 in 2.8 ms instead of 8.8 ms (3.1x), -> 448 2.0x;
-  1024x683 -> 224 1.9x; nothing to gain when the source is under twice the target size. The
-  result differs from a full decode by small interpolation noise.
+  of the pixels: several times cheaper for OpenImages-size photos, nothing to gain when the
+  source is under twice the target size (`bench/decode_cost.py`; figures in bench/RESULTS.md).
+  The result differs from a full decode by small interpolation noise.
 - Squash resize to (S, S), aspect ratio not kept, as the public reference code for the CSL paper
   does (multi-label: a centre crop could cut away the very object a positive label names).
   Bilinear with PIL's antialiasing on downscale.
@@ -26,8 +25,8 @@ Choices and their costs:
   constants cached per device, so a GPU batch costs no host-to-device copy and no sync.
   `channels_last=True` keeps the pixels' NHWC order in memory: a straight copy instead of a
   transpose, and the layout NHWC convolutions want.
-- Flips are applied by PIL right after the resize (`decode_image(..., flip=True)`); copying a
-  reversed numpy view of 3-byte pixels cost ~0.36 ms per 224x224 image, PIL ~0.08 ms.
+- Flips are applied by PIL right after the resize (`decode_image(..., flip=True)`): cheaper
+  than copying a reversed numpy view of 3-byte pixels (`bench/decode_cost.py`).
 - Flips are a pure function of (seed, epoch, shard, sample index) through a splitmix64 hash,
   vectorised per batch: independent of rank, worker and resume point, so a resumed stream
   yields bit-identical tensors. EXIF orientation is not applied (as in torchvision's loader).
@@ -77,7 +76,7 @@ def decode_image(data: bytes, size: int, *, draft: bool = True, flip: bool = Fal
             rgb = im.convert("RGB")
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-            if flip:  # PIL's transpose: 4x cheaper than numpy's copy of a reversed 3-byte-pixel view
+            if flip:  # PIL's transpose: cheaper than numpy's copy of a reversed 3-byte-pixel view
                 rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if transform is not None:
                 rgb = transform(rgb)
