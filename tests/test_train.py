@@ -182,21 +182,3 @@ def test_worker_failure_resumes_and_another_world_size_or_schedule_is_refused(da
     assert p.returncode == 2 and "cluster.workers=2" in p.stderr and "model.pretrained=" in p.stderr
     p = csl("train", *args, "train.max_steps=10", "optim.lr=0.01")
     assert p.returncode == 2 and "train.max_steps: 8 -> 10" in p.stderr and "optim.lr" in p.stderr
-
-
-@pytest.mark.integration
-def test_data_and_storage_on_s3(s3_bucket, tmp_path):
-    import s3fs
-
-    from data_shards.sources.synthetic import build_synthetic
-
-    root = f"{s3_bucket}/data"
-    build_synthetic(root, train=96, val=32, image_size=32, shard_samples=32, seed=2, progress=False)
-    ok(csl("train", "--config", "synthetic-cpu", *BASE, f"data.root={root}", "train.max_steps=4",
-           "checkpoint.every_steps=2", f"run.storage={s3_bucket}/runs", "run.name=s3run", "deepspeed.zero_stage=0"))
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
-    run = f"{s3_bucket[5:]}/runs/s3run"
-    names = {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
-    assert {"config.yaml", "metrics.jsonl", "eval.json", "checkpoint_manager_snapshot.json"} <= names
-    assert any(n.startswith("checkpoint_0000000") for n in names)
-    assert json.loads(fs.cat_file(f"{run}/eval.json"))["step"] == 4

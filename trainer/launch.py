@@ -23,11 +23,13 @@ import os
 import time
 from typing import Any
 
+from data_shards.format import MANIFEST_NAME
 from data_shards.partition import num_batches
 from data_shards.storage import exists, get_fs, is_remote, join, read_manifest, redact
 
 from .checkpoint import latest_checkpoint, read_state, weights_file
 from .config import Config, ConfigError
+from .preflight import check_nodes
 
 __all__ = ["run_dir_of", "launch", "check_inputs", "check_resumable", "ensure_ray"]
 
@@ -54,13 +56,24 @@ def check_inputs(cfg: Config) -> None:
     model is known and its weights file exists; the loss takes its parameters and has what it
     needs (a prior, the EMA model).
     """
+    from .elastic import geometry_of
+
     manifest = read_manifest(cfg.data.root)  # names the path when missing
     workers, batch_size, accum = cfg.cluster.workers, cfg.data.batch_size, cfg.train.grad_accum
     root = redact(cfg.data.root)
+    g = geometry_of(cfg)  # ConfigError on data.lanes
+    lo = cfg.cluster.min_workers or workers
+    odd = [w for w in range(lo, workers + 1) if g.lanes % w]
+    if odd:
+        raise ConfigError(f"config key 'cluster.min_workers': Ray may run the group at {odd}, which do not divide "
+                          f"the run's {g.lanes} data lanes (data.lanes); pick min_workers..workers within the "
+                          f"divisors of data.lanes")
     for split in (cfg.data.train_split, cfg.data.val_split):
         samples = sum(s.samples for s in manifest.split(split).shards)
+        # the train split is cut into lanes (the same at every world size), val into ranks
+        lanes, b = (g.lanes, g.lane_batch) if split == cfg.data.train_split else (workers, batch_size)
         try:
-            batches = num_batches(samples, workers, batch_size)
+            batches = num_batches(samples, lanes, b)
         except ValueError as e:
             raise ValueError(f"split {split!r} of {root} with cluster.workers={workers} and "
                              f"data.batch_size={batch_size}: {e}") from None
@@ -90,7 +103,7 @@ def check_inputs(cfg: Config) -> None:
 # Settings a resumed run must share with its checkpoint: they fix the LR schedule (OneCycle is
 # built for a total step count), the optimizer state's shape, the model and the data order.
 _TRAJECTORY = {
-    "data": ("batch_size", "image_size", "shuffle_buffer", "train_split"),
+    "data": ("batch_size", "image_size", "shuffle_buffer", "train_split", "lanes"),
     "model": ("name", "head", "bottleneck_dim"),
     "loss": None,
     "optim": None,
@@ -115,11 +128,11 @@ def _trajectory_changes(old: Config, new: Config) -> list[str]:
 
 
 def check_resumable(cfg: Config, checkpoint: str) -> None:
-    """Refuse, before any worker starts, a resume whose optimizer state cannot be exact.
+    """Refuse, before any worker starts, a resume whose trajectory would change.
 
-    ZeRO partitions optimizer state by rank and the data cursor is planned per world size:
-    loading them into another world size would silently mix state. The consolidated weights
-    in the checkpoint are the way to continue with another size, as a new run.
+    Another `cluster.workers` is allowed when it divides the run's data lanes: the data cursor
+    and the global batch are the run's at that size (`elastic.py`); any other size is refused
+    naming those that work.
     """
     state = read_state(checkpoint)
     changed = _trajectory_changes(Config.model_validate(state["config"]), cfg)
@@ -129,12 +142,16 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
             f"schedule, optimizer state and data order were built for the old ones. Resume with the same settings, or "
             f"start a new run.name with model.pretrained={weights_file(checkpoint)}"
         )
-    if state["world_size"] != cfg.cluster.workers:
+    from .elastic import fit, geometry_from_state
+
+    g = geometry_from_state(state)
+    try:
+        fit(g, cfg.cluster.workers)
+    except ValueError as e:
         raise ValueError(
-            f"run {cfg.run.name!r}: checkpoint {checkpoint} was written by {state['world_size']} workers, this run has "
-            f"cluster.workers={cfg.cluster.workers}; resume with cluster.workers={state['world_size']}, or start a new "
-            f"run.name with model.pretrained={weights_file(checkpoint)} (weights only, fresh optimizer)"
-        )
+            f"run {cfg.run.name!r}: checkpoint {checkpoint} cannot continue with cluster.workers={cfg.cluster.workers}: "
+            f"{e}; or start a new run.name with model.pretrained={weights_file(checkpoint)} (weights only, fresh optimizer)"
+        ) from None
 
 
 # What a local cluster started by `ensure_ray` leaves off: services only a multi-node or monitored
@@ -199,7 +216,7 @@ def _log_places(run_dir: str) -> tuple[str, str]:
     return os.path.join(logs, "driver.log"), f"logs: {logs} (rank*.log from the workers, driver.log from Ray here)"
 
 
-def _trainer(cfg: Config, run_dir: str, console_channel: Any) -> Any:
+def _trainer(cfg: Config, run_dir: str, console_channel: Any, geometry: dict[str, int]) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -212,9 +229,12 @@ def _trainer(cfg: Config, run_dir: str, console_channel: Any) -> Any:
         resources["GPU"] = cfg.cluster.gpus_per_worker
     return TorchTrainer(
         _train_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": run_dir, "console": console_channel},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": run_dir, "console": console_channel,
+                           "geometry": geometry},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.workers, use_gpu=use_gpu, resources_per_worker=resources
+            # (min, max): Ray Train's elastic group, restarted at the size it can get
+            num_workers=(lo, cfg.cluster.workers) if (lo := cfg.cluster.min_workers or cfg.cluster.workers) < cfg.cluster.workers
+            else cfg.cluster.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -232,15 +252,20 @@ def launch(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     from ray.train import TrainingFailedError  # imports Ray Data, which sets up its logger: quieted below
 
     from .console import DriverConsole, driver_log, failure_summary, quiet_ray_logging
+    from .elastic import convert_checkpoint, geometry_from_state, geometry_of, needs_conversion
 
     check_inputs(cfg)
     run_dir = run_dir_of(cfg)
     resume_from = latest_checkpoint(run_dir)
     start_step = 0
+    geometry = geometry_of(cfg)
     if resume_from:
         check_resumable(cfg, resume_from)
-        start_step = int(read_state(resume_from)["step"])
-        print(f"resuming run {cfg.run.name!r} from {resume_from} (step {start_step})", flush=True)
+        state = read_state(resume_from)
+        start_step, geometry = int(state["step"]), geometry_from_state(state)
+        old, new = int(state["world_size"]), cfg.cluster.workers
+        size = f" at {new} workers (written by {old})" if old != new else ""
+        print(f"resuming run {cfg.run.name!r} from {resume_from} (step {start_step}){size}", flush=True)
     else:
         print(f"starting run {cfg.run.name!r} in {run_dir}", flush=True)
     cfg.save_resolved(join(run_dir, "config.yaml"))
@@ -248,13 +273,17 @@ def launch(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     ensure_ray(verbose)
     if not verbose:
         quiet_ray_logging()  # again, for the loggers imported since Ray started
+    if resume_from and needs_conversion(cfg, state, resume_from, cfg.cluster.workers):
+        seconds = convert_checkpoint(Config.model_validate(state["config"]), resume_from, int(state["world_size"]))
+        print(f"converted {resume_from} to the world-size-free layout in {seconds:.1f}s", flush=True)
+    check_nodes(read=[("data.root", join(cfg.data.root, MANIFEST_NAME))], write=[("run.storage", run_dir)])
     driver_log_path, where = _log_places(run_dir)
     print(where, flush=True)
     console = DriverConsole(run_dir, start_step=start_step, max_failures=cfg.cluster.max_failures)
     t0 = time.time()
     with driver_log(driver_log_path):
         try:
-            result = _trainer(cfg, run_dir, console.start()).fit()
+            result = _trainer(cfg, run_dir, console.start(), geometry.to_dict()).fit()
         except TrainingFailedError as e:  # its text holds every rank's traceback: one line here
             raise RuntimeError(f"training run {cfg.run.name!r} failed: {failure_summary(e)} "
                                f"(in full: {driver_log_path})") from e

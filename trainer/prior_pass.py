@@ -82,10 +82,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data_shards.format import ClassInfo, Manifest
+from data_shards.format import MANIFEST_NAME, ClassInfo, Manifest
 from data_shards.storage import exists, join, read_manifest, redact, write_bytes_atomic
 
-from .checkpoint import RUNNING_PRIOR_FILE, has_ema, read_state, resolve_checkpoint, weights_url
+from .checkpoint import RUNNING_PRIOR_FILE, STATE_FILE, has_ema, read_state, resolve_checkpoint, weights_url
 from .prior_records import (ShardRecord, encode_record, file_stamp, identity_digest, iter_records, open_records,
                             pass_identity, record_url, records_dir, remove_records)
 from .prior_scoring import SHARD_RETRIES, ShardScore, retrying, score_shards
@@ -351,6 +351,10 @@ def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train
 
         started = ensure_ray()
         try:
+            from .preflight import check_nodes
+
+            check_nodes(read=[("--data", join(data, MANIFEST_NAME)), ("--checkpoint", join(ckpt, STATE_FILE))],
+                        write=[("the records folder", folder)])
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
             plan = actor_plan(nodes, device=device, actors=actors, cpus_per_actor=cpus_per_actor,
                               gpus_per_actor=gpus_per_actor, workers=workers)

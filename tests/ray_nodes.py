@@ -1,0 +1,250 @@
+"""Private Ray clusters for tests: a head on 127.0.0.1 and, for multi-node tests, a second node
+on 127.0.0.2 in its own mount namespace.
+
+Isolation, because other tests and engineers may run Ray on this machine at the same time:
+
+- every port a node opens is a free port picked here, and worker ports are left to the OS;
+- each node has its own short `--temp-dir` (a Unix socket path must stay under ~107 bytes);
+- each node runs under `ray start --block` in a process this module owns, in its own session.
+  `ray stop` is never called: it stops *every* Ray process on the machine. Tear-down sends
+  SIGTERM to the session, then kills survivors: by PID where the command line names the
+  node's temp dir, and by the process group (the dashboard and runtime-env agents rename
+  themselves `ray::DashboardAgent` and were seen outliving the raylet).
+- `ray start` (Ray 2.60) turns token authentication on whenever a token exists in
+  `~/.ray/auth_token` (one does on this machine). The cluster gets its own random token,
+  passed as `RAY_AUTH_TOKEN` to its nodes and to the drivers the tests start, so nothing here
+  reads or writes the user's token.
+
+The second node is what a machine of a real cluster is: it shares the network and the
+installed code, not the disk. `unshare -m` gives it a private /tmp, /dev/shm and /var/tmp
+(tmpfs mounts only it sees), so a local path under them that the driver wrote is not there for
+its processes; the local S3 server is the only storage both nodes reach.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conftest import free_port
+
+BIN = Path(sys.executable).parent
+RAY = BIN / "ray"
+PRIVATE_MOUNTS = ("/tmp", "/dev/shm", "/var/tmp")
+
+
+def _pids_naming(marker: str) -> list[int]:
+    """PIDs of live processes whose command line contains `marker` (a node's unique temp dir)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def shared_scratch() -> str:
+    """A folder every node of a test cluster sees (on the repository's disk, not a private
+    mount), for the harness's own files: node logs, recorded keys, fault markers. Never for
+    what a test checks is shared: that is what the S3 server is for."""
+    path = Path(__file__).resolve().parents[1] / ".pytest_cache" / "csl-shared"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def namespaces_allowed() -> str | None:
+    """None if this process may give a child private tmpfs mounts; else why not."""
+    if not shutil.which("unshare"):
+        return "no `unshare` on this machine"
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /tmp"],
+                       capture_output=True, text=True)
+    return None if p.returncode == 0 else f"mount namespaces not permitted here ({p.stderr.strip()[:200]})"
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen
+    temp_dir: str
+    log: Path
+
+    def stop(self) -> None:
+        # Throwaway: SIGTERM to the whole session we created (only ours), a short grace, then
+        # SIGKILL. Waiting for `ray start --block` to wind down alone took 30-50 s.
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+                group_alive = True
+            except (ProcessLookupError, PermissionError):
+                group_alive = False
+            if not _pids_naming(self.temp_dir) and not group_alive:
+                return
+            time.sleep(1)
+        for pid in _pids_naming(self.temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group is the session we created: only ours
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+@dataclass
+class Cluster:
+    """A private cluster: `address` for RAY_ADDRESS, `dashboard` for the Jobs API, `env` for a
+    driver process (the token and RAY_ADDRESS), `nodes` in start order."""
+
+    address: str
+    dashboard: str
+    token: str
+    env: dict[str, str]
+    nodes: list[Node] = field(default_factory=list)
+    logs_dir: str = ""
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+        shutil.rmtree(self.logs_dir, ignore_errors=True)
+
+
+def _node_env(extra: dict[str, str], token: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(extra)
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    return env
+
+
+def _common_ports() -> list[str]:
+    ports = {
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+    }
+    return [f"{k}={v}" for k, v in ports.items()]
+
+
+def start_cluster(head_cpus: int, second_node_cpus: int = 0, env: dict[str, str] | None = None,
+                  timeout_s: float = 120.0) -> Cluster:
+    """A head on 127.0.0.1 (with the dashboard), plus a second node on 127.0.0.2 in a private
+    mount namespace when `second_node_cpus` > 0; returns once every node is alive."""
+    token = secrets.token_hex(32)
+    node_env = _node_env(env or {}, token)
+    logs_dir = tempfile.mkdtemp(prefix="ray-logs-", dir=shared_scratch())
+    head_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Unix socket paths live under it
+    gcs_port, dash_port = free_port(), free_port()
+    head_cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true", f"--num-cpus={head_cpus}", "--num-gpus=0",
+                f"--object-store-memory={256 * 1024**2}", f"--temp-dir={head_tmp}", "--min-worker-port=0",
+                "--max-worker-port=0", "--disable-usage-stats", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
+                f"--ray-client-server-port={free_port()}", *_common_ports()]
+    cluster = Cluster(address=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}", token=token,
+                      env={**node_env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}, logs_dir=logs_dir)
+
+    def spawn(cmd: list[str], temp_dir: str, name: str) -> None:
+        log = Path(logs_dir) / f"{name}.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=node_env, start_new_session=True)
+        cluster.nodes.append(Node(proc, temp_dir, log))
+
+    try:
+        spawn(head_cmd, head_tmp, "head")
+        want = 1
+        if second_node_cpus:
+            # The node's temp dir lives on its private /tmp: created inside the namespace.
+            node_tmp = f"/tmp/rn{secrets.token_hex(4)}"
+            mounts = " && ".join(f"mount -t tmpfs tmpfs {m}" for m in PRIVATE_MOUNTS)
+            node_cmd = [str(RAY), "start", "--block", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.2",
+                        f"--num-cpus={second_node_cpus}", "--num-gpus=0", f"--object-store-memory={256 * 1024**2}",
+                        f"--temp-dir={node_tmp}", "--min-worker-port=0", "--max-worker-port=0",
+                        "--disable-usage-stats", *_common_ports()]
+            spawn(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                   f"{mounts} && mkdir -p {node_tmp} && exec \"$@\"", "sh", *node_cmd], node_tmp, "node2")
+            want = 2
+        deadline = time.time() + timeout_s
+        while True:
+            for node in cluster.nodes:
+                if node.proc.poll() is not None:
+                    raise RuntimeError(f"ray start exited with {node.proc.returncode}:\n"
+                                       f"{node.log.read_text(errors='replace')[-4000:]}")
+            alive = _alive_nodes(cluster)
+            if alive >= want:
+                return cluster
+            if time.time() > deadline:
+                raise RuntimeError(f"{alive} of {want} Ray nodes alive after {timeout_s:.0f} s:\n"
+                                   + "\n".join(n.log.read_text(errors="replace")[-2000:] for n in cluster.nodes))
+            time.sleep(2)
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+def _alive_nodes(cluster: Cluster) -> int:
+    """Alive nodes, asked from a short-lived process (this one must not join the cluster)."""
+    code = "import ray; ray.init(log_to_driver=False); print(sum(1 for n in ray.nodes() if n['Alive']))"
+    p = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=120)
+    try:
+        return int(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return 0
+
+
+def job_client(cluster: Cluster, timeout_s: float = 120.0):
+    """A Jobs API client for the cluster's head, once the dashboard accepts the cluster's token."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline, last_error = time.time() + timeout_s, None
+    while time.time() < deadline:
+        try:
+            client = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"})
+            client.list_jobs()  # proves the token is accepted, not only that the port is open
+            return client
+        except Exception as e:  # connection refused while the dashboard starts
+            last_error = e
+            time.sleep(2)
+    raise RuntimeError(f"Jobs API not up at {cluster.dashboard} after {timeout_s:.0f} s ({last_error!r})")
+
+
+def run_job(client, entrypoint: str, submission_id: str, env_vars: dict[str, str], timeout_s: float = 600.0) -> str:
+    """Submit, wait for a terminal state, and return the job's log; fail with the log unless SUCCEEDED."""
+    from ray.job_submission import JobStatus
+
+    job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": env_vars})
+    deadline = time.time() + timeout_s
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    status = client.get_job_status(job_id)
+    while status not in terminal and time.time() < deadline:
+        time.sleep(3)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    if status not in terminal:
+        client.stop_job(job_id)
+    assert status == JobStatus.SUCCEEDED, (
+        f"job {job_id} ended {status}; info: {client.get_job_info(job_id)}\n--- logs ---\n{logs[-8000:]}")
+    return logs

@@ -1,0 +1,191 @@
+"""Two Ray nodes without a shared disk (`tests/ray_nodes.py`): the head on 127.0.0.1, a second
+node on 127.0.0.2 with private /tmp, /dev/shm and /var/tmp, one CPU each, the local S3 server
+the only storage both reach. Run these alone with `pytest -m multinode`.
+
+- The preflight refuses, at once and in one line, a path the second node cannot reach.
+- Training, submitted as a Ray job to the head, spreads its two workers over both nodes with
+  data and run storage on S3; a worker killed mid-epoch is replaced from the last checkpoint,
+  which the node without the run folder uploaded its share of, and every sample is read once
+  per epoch. (Resuming a run by resubmitting it is the CLI rerun of `test_train.py`: a job's
+  entrypoint is that same command.)
+- The prior pass with an actor on each node gives the priors a plain in-process scoring of the
+  same shards gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ray_nodes import job_client, namespaces_allowed, run_job, shared_scratch, start_cluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.multinode]
+
+CSL = str(Path(sys.executable).with_name("csl"))
+TRAIN = ["--config", "synthetic-cpu", "data.image_size=32", "data.batch_size=16", "data.workers=0", "train.log_every=2",
+         "cluster.workers=2", "cluster.cpus_per_worker=1", "deepspeed.zero_stage=1"]
+
+
+@pytest.fixture(scope="module")
+def aws(s3_server):
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        mp.delenv("AWS_PROFILE", raising=False)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def bucket(aws) -> str:
+    import boto3
+    import s3fs
+
+    name = f"csl-mn-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket=name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def two_nodes(aws):
+    why = namespaces_allowed()
+    if why:
+        pytest.skip(f"a second node needs its own mount namespace: {why}")
+    cluster = start_cluster(head_cpus=1, second_node_cpus=1, env=aws)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_data(bucket) -> str:
+    from data_shards.sources.synthetic import build_synthetic
+
+    root = f"{bucket}/data"
+    build_synthetic(root, train=128, val=32, image_size=32, shard_samples=32, seed=3, progress=False)
+    return root
+
+
+def csl(cluster, *args: str, timeout: int = 600):
+    import subprocess
+
+    return subprocess.run([CSL, *args], capture_output=True, text=True, timeout=timeout, env=cluster.env)
+
+
+def ok(p):
+    assert p.returncode == 0, f"rc={p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(two_nodes, bucket, s3_data):
+    """One run submitted through the head's Jobs API, as `cluster/ray/` documents (`ray job
+    submit -- csl train ...`): its driver runs under the job supervisor on the head with
+    RAY_ADDRESS set, its two workers one on each node; a worker is SIGKILLed after step 4 and
+    the group is replaced from step 3's checkpoint."""
+    scratch = tempfile.mkdtemp(prefix="mn-", dir=shared_scratch())  # the harness's own files, seen by both nodes
+    keys, marker = os.path.join(scratch, "keys"), os.path.join(scratch, "fired")
+    entrypoint = " ".join([CSL, "train", *TRAIN, f"data.root={s3_data}", "train.max_steps=8", "checkpoint.every_steps=3",
+                           f"run.storage={bucket}/runs", "run.name=spread", "cluster.max_failures=1",
+                           "debug.fault_step=4", "debug.fault_rank=1", f"debug.fault_marker={marker}",
+                           f"debug.record_keys={keys}"])
+    # PYTHONPATH only matters when the package is not installed in the venv
+    try:
+        logs = run_job(job_client(two_nodes), entrypoint, f"spread-{uuid.uuid4().hex[:8]}",
+                       {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        yield {"logs": logs, "run": f"{bucket}/runs/spread", "keys": keys, "marker": marker}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_preflight_names_the_node_and_the_path_it_cannot_reach(two_nodes, s3_data, tmp_path):
+    from data_shards.sources.synthetic import build_synthetic
+
+    # run.storage on the driver's disk: node 2 has its own /tmp, where the driver's probe is not
+    p = csl(two_nodes, "train", *TRAIN, f"data.root={s3_data}", "train.max_steps=2", f"run.storage={tmp_path / 'runs'}",
+            "run.name=local")
+    assert p.returncode == 2, p.stdout + p.stderr
+    line = p.stderr.strip().splitlines()[-1]
+    assert "127.0.0.2" in line and "run.storage=" in line and "shared file system" in line and "Traceback" not in p.stderr
+    assert not any((tmp_path / "runs" / "local").glob(".preflight/*"))  # probes cleaned up
+
+    # data.root on the driver's disk only: the same check, from a small driver of its own (Ray
+    # reads its token settings once per process, so this test process does not join)
+    import subprocess
+
+    local = str(tmp_path / "data")
+    build_synthetic(local, train=32, val=16, image_size=32, shard_samples=16, seed=0, progress=False)
+    code = (
+        "import sys, ray\n"
+        "from trainer.preflight import PreflightError, check_nodes\n"
+        "ray.init(log_to_driver=False)\n"
+        f"assert check_nodes(read=[('data.root', '{s3_data}/dataset.json')], write=[('run.storage', '{s3_data}-runs')]) == 2\n"
+        "try:\n"
+        f"    check_nodes(read=[('data.root', '{local}/dataset.json')], write=[('run.storage', '{s3_data}-runs')])\n"
+        "except PreflightError as e:\n"
+        "    print(e)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=two_nodes.env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = p.stdout.strip().splitlines()[-1]
+    assert "127.0.0.2: data.root=" in line and f"{local}/dataset.json cannot read it" in line, line
+
+
+def test_training_spread_over_two_nodes_survives_a_worker_kill(trained):
+    import s3fs
+
+    logs, run = trained["logs"], trained["run"]
+    assert "starting run 'spread'" in logs
+    assert Path(trained["marker"]).read_text().startswith("rank 1 killed at step 4")
+    assert "worker failure 1 (cluster.max_failures=1)" in logs and "from the checkpoint at step 3" in logs
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    assert json.loads(fs.cat_file(f"{run[5:]}/eval.json"))["step"] == 8
+    # ZeRO 1: each rank wrote its own optimizer shard, one of them from node 2's private disk to
+    # S3 (one CPU per node and per worker: the two workers can only be one on each node)
+    ckpt = f"{run[5:]}/checkpoint_00000006/ds"
+    shards = [q for q in fs.ls(ckpt) if "optim_states" in q]
+    assert len(shards) == 2, fs.ls(ckpt)
+
+    # every sample once per epoch: the killed attempt's steps after the checkpoint are redone
+    lines = [ln.split() for f in Path(trained["keys"]).glob("rank*.txt") for ln in f.read_text().splitlines()]
+    by_pid: dict[str, int] = {}
+    for pid, _, step, _ in lines:
+        by_pid[pid] = max(by_pid.get(pid, 0), int(step))
+    kept = [(int(epoch), int(step), key) for pid, epoch, step, key in lines  # drop the killed attempt's redone steps
+            if not (int(step) > 3 and by_pid[pid] < 8)]
+    for epoch in {e for e, _, _ in kept}:
+        counts = Counter(k for e, _, k in kept if e == epoch)
+        assert set(counts.values()) == {1}, f"epoch {epoch}: some sample seen twice"
+    assert len({k for _, _, k in kept}) == 128
+
+
+def test_prior_pass_with_an_actor_on_each_node_equals_in_process_scoring(two_nodes, trained, s3_data, bucket):
+    import torch
+
+    from data_shards.storage import read_bytes, read_manifest
+    from trainer.inference import load_checkpoint
+    from trainer.priors import read_priors
+    from trainer.prior_scoring import score_shards
+
+    out = f"{bucket}/priors/priors.csv"
+    # one CPU per node and one per actor: the two actors can only be one on each node
+    ok(csl(two_nodes, "prior", "--checkpoint", trained["run"], "--data", s3_data, "--out", out, "--actors", "2",
+           "--cpus-per-actor", "1", "--workers", "0", "--device", "cpu", "--batch-size", "16"))
+    assert json.loads(read_bytes(f"{bucket}/priors/priors.json"))["actors"] == 2
+    m = read_manifest(s3_data)
+    model = load_checkpoint(trained["run"]).model.eval()
+    rows = list(score_shards(model, s3_data, "train", m, list(range(len(m.split("train").shards))), image_size=32,
+                             batch_size=16, workers=0, device=torch.device("cpu")))
+    ref = sum(r.sum for r in rows) / sum(r.count for r in rows)
+    np.testing.assert_allclose(read_priors(out, m), ref, rtol=0, atol=1e-5)
