@@ -151,7 +151,7 @@ def _common_ports() -> list[str]:
 
 
 def start_cluster(head_cpus: int, second_node_cpus: int = 0, env: dict[str, str] | None = None,
-                  timeout_s: float = 120.0) -> Cluster:
+                  timeout_s: float = 300.0) -> Cluster:
     """A head on 127.0.0.1 (with the dashboard), plus a second node on 127.0.0.2 in a private
     mount namespace when `second_node_cpus` > 0; returns once every node is alive."""
     token = secrets.token_hex(32)
@@ -208,7 +208,10 @@ def start_cluster(head_cpus: int, second_node_cpus: int = 0, env: dict[str, str]
 def _alive_nodes(cluster: Cluster) -> int:
     """Alive nodes, asked from a short-lived process (this one must not join the cluster)."""
     code = "import ray; ray.init(log_to_driver=False); print(sum(1 for n in ray.nodes() if n['Alive']))"
-    p = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=120)
+    try:
+        p = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:  # a head still starting on a busy machine: ask again
+        return 0
     try:
         return int(p.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
