@@ -8,7 +8,6 @@ imported inside each command so one converter's dependencies never slow another 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Optional
 
@@ -22,8 +21,8 @@ def shards_app() -> None:
     """Make, convert, inspect and verify WebDataset shard datasets."""
 
 
-def _workers(n: Optional[int]) -> int:
-    return (os.cpu_count() or 1) if n is None else n
+def _resize_of(resize: int, keep_originals: bool) -> Optional[int]:
+    return None if keep_originals else resize
 
 
 def _done(out: str, m, split: str | None = None, report=None) -> None:
@@ -36,8 +35,20 @@ def _done(out: str, m, split: str | None = None, report=None) -> None:
 
 _out = click.option("--out", required=True, help="dataset root: a folder or an fsspec URL (s3://...)")
 _shard_samples = click.option("--shard-samples", default=1000, show_default=True, type=click.IntRange(min=1), help="samples per shard")
-_workers_opt = click.option("--workers", type=click.IntRange(min=0), default=None, help="processes for image work (default: all cores; 0: in-process)")
-_resize = click.option("--resize", type=click.IntRange(min=8), default=None, help="resize images to this short edge (reference data: 256)")
+_workers_opt = click.option(
+    "--workers", type=click.IntRange(min=0), default=None,
+    help="shard tasks at a time on Ray: a local Ray, or the cluster at RAY_ADDRESS (default: one per CPU of the "
+         "cluster; 0: build shards in this process, no Ray)")
+_resize = click.option(
+    "--resize", type=click.IntRange(min=8), default=256, show_default=True,
+    help="downscale images to this short edge (never upscaled). 256 is what the CSL reference's OpenImages data "
+         "uses and covers the presets' 224-px training; originals (often 1024 px and more) cost many times the "
+         "bytes to store and read and the decode time, every epoch. Use 512 for 448-px training")
+_keep_originals = click.option("--keep-originals", is_flag=True, help="store the images as they are, not resized")
+_anon = click.option("--anon", is_flag=True, help="read s3:// images unsigned, without credentials (public buckets, "
+                     "e.g. OpenImages' own); the endpoint still comes from AWS_ENDPOINT_URL")
+_overwrite = click.option("--overwrite", is_flag=True, help="discard an unfinished conversion of this split in --out "
+                          "and start afresh (by default a rerun resumes it, keeping every published shard)")
 _strict = click.option("--strict", is_flag=True, help="make every data problem an error")
 _split = click.option("--split", default="train", show_default=True, help="split name to write")
 
@@ -52,12 +63,13 @@ _split = click.option("--split", default="train", show_default=True, help="split
 @click.option("--seed", default=0, show_default=True, type=int, help="same seed, same bytes")
 @click.option("--shard-samples", default=500, show_default=True, type=click.IntRange(min=1), help="samples per shard")
 @_workers_opt
-def synthetic(out, train, val, image_size, scheme, val_scheme, seed, shard_samples, workers) -> None:
+@_overwrite
+def synthetic(out, train, val, image_size, scheme, val_scheme, seed, shard_samples, workers, overwrite) -> None:
     """Synthetic shapes/colours/scenes data with a known full ground truth."""
     from .sources.synthetic import build_synthetic
 
     m = build_synthetic(out, train=train, val=val, image_size=image_size, scheme=scheme, val_scheme=val_scheme,
-                        seed=seed, shard_samples=shard_samples, workers=_workers(workers))
+                        seed=seed, shard_samples=shard_samples, workers=workers, overwrite=overwrite)
     _done(out, m)
 
 
@@ -75,13 +87,17 @@ def synthetic(out, train, val, image_size, scheme, val_scheme, seed, shard_sampl
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="stop after this many images")
 @click.option("--skip-unknown", is_flag=True, help="rows of classes outside --classes are skipped, not problems "
               "(the verified-label CSV covers ~20k classes, the trainable list 9,600)")
-def openimages(labels, classes, images, out, split, descriptions, strict, resize, shard_samples, workers, limit, skip_unknown) -> None:
-    """Convert OpenImages V6 image-level labels and images to shards."""
+@_keep_originals
+@_anon
+@_overwrite
+def openimages(labels, classes, images, out, split, descriptions, strict, resize, shard_samples, workers, limit, skip_unknown,
+               keep_originals, anon, overwrite) -> None:
+    """Convert OpenImages V6 image-level labels and images to shards (resumable: rerun after a stop)."""
     from .sources.openimages import build_openimages
 
     m, report = build_openimages(labels, classes, images, out, split=split, descriptions=descriptions, strict=strict,
-                                 resize=resize, shard_samples=shard_samples, workers=_workers(workers), limit=limit,
-                                 skip_unknown=skip_unknown)
+                                 resize=_resize_of(resize, keep_originals), shard_samples=shard_samples, workers=workers,
+                                 limit=limit, skip_unknown=skip_unknown, anon=anon, overwrite=overwrite)
     _done(out, m, split, report)
 
 
@@ -96,12 +112,17 @@ def openimages(labels, classes, images, out, split, descriptions, strict, resize
 @_resize
 @_shard_samples
 @_workers_opt
-def coco(instances, images, out, split, scheme, seed, strict, resize, shard_samples, workers) -> None:
+@_keep_originals
+@_anon
+@_overwrite
+def coco(instances, images, out, split, scheme, seed, strict, resize, shard_samples, workers, keep_originals, anon,
+         overwrite) -> None:
     """Convert COCO instances, simulating partial annotation with SCHEME."""
     from .sources.coco import build_coco
 
-    m, report = build_coco(instances, images, out, split=split, scheme=scheme, seed=seed, resize=resize,
-                           shard_samples=shard_samples, workers=_workers(workers), strict=strict)
+    m, report = build_coco(instances, images, out, split=split, scheme=scheme, seed=seed,
+                           resize=_resize_of(resize, keep_originals), shard_samples=shard_samples, workers=workers,
+                           strict=strict, anon=anon, overwrite=overwrite)
     _done(out, m, split, report)
 
 
@@ -114,12 +135,15 @@ def coco(instances, images, out, split, scheme, seed, strict, resize, shard_samp
 @_resize
 @_shard_samples
 @_workers_opt
-def lvis(annotations, images, out, split, strict, resize, shard_samples, workers) -> None:
+@_keep_originals
+@_anon
+@_overwrite
+def lvis(annotations, images, out, split, strict, resize, shard_samples, workers, keep_originals, anon, overwrite) -> None:
     """Convert LVIS v1 (verified negatives kept; not-exhaustive classes never negative)."""
     from .sources.lvis import build_lvis
 
-    m, report = build_lvis(annotations, images, out, split=split, resize=resize, shard_samples=shard_samples,
-                           workers=_workers(workers), strict=strict)
+    m, report = build_lvis(annotations, images, out, split=split, resize=_resize_of(resize, keep_originals),
+                           shard_samples=shard_samples, workers=workers, strict=strict, anon=anon, overwrite=overwrite)
     _done(out, m, split, report)
 
 
@@ -129,23 +153,52 @@ def _shown(url: str) -> str:
     return redact(url)
 
 
-def _bar(root: str, total: int, what: str):
-    return tqdm(total=total, desc=f"{what} {_shown(root)}", unit="shard", file=sys.stderr, disable=total < 2)
+class _Bars:
+    """Shards and samples bars, with rate and ETA, for inspect and verify."""
+
+    def __init__(self, root: str, m, what: str, sample: float):
+        from .inspect import sampled_shards
+
+        shards = [s for split in m.splits for s in sampled_shards(m, split, sample)]
+        kw = {"file": sys.stderr, "disable": len(shards) < 2, "dynamic_ncols": True}
+        self.shards = tqdm(total=len(shards), desc=f"{what} {_shown(root)}", unit="shard", position=0, **kw)
+        self.samples = tqdm(total=sum(s.samples for s in shards), desc="samples", unit="img", position=1, **kw)
+
+    def update(self, shards: int, samples: int = 0) -> None:
+        self.shards.update(shards)
+        self.samples.update(samples)
+
+    def __enter__(self) -> "_Bars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.samples.close()
+        self.shards.close()
+
+
+_scan_workers = click.option(
+    "--workers", type=click.IntRange(min=0), default=None,
+    help="Ray workers to check shards with, one task per shard, twice that many in flight (a local Ray, or "
+         "RAY_ADDRESS; default: one per CPU); 0: threads of this process (--threads)")
+_sample = click.option("--sample", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+                       help="check this fraction of the shards (whole shards, picked by path; at least one per split)")
 
 
 @shards_app.command("inspect")
 @click.argument("root")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(min=0), help="top classes by annotation count")
-@click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1))
-def inspect(root: str, as_json: bool, top: int, threads: int) -> None:
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1), help="with --workers 0")
+@_scan_workers
+@_sample
+def inspect(root: str, as_json: bool, top: int, threads: int, workers: Optional[int], sample: float) -> None:
     """Per split: samples, shards, bytes, per-class positive/negative counts, read from the shards."""
     from .inspect import inspect_dataset
     from .storage import read_manifest
 
     m = read_manifest(root)
-    with _bar(root, sum(len(s.shards) for s in m.splits.values()), "inspect") as bar:
-        res = inspect_dataset(root, threads=threads, progress=bar.update, top=top)
+    with _Bars(root, m, "inspect", sample) as bar:
+        res = inspect_dataset(root, threads=threads, progress=bar.update, top=top, workers=workers, sample=sample)
     if as_json:
         keep = ("samples", "shards", "bytes", "pos", "neg", "problems")
         click.echo(json.dumps({"classes": res["classes"],
@@ -167,22 +220,31 @@ def inspect(root: str, as_json: bool, top: int, threads: int) -> None:
 @shards_app.command("verify")
 @click.argument("root")
 @click.option("--json", "as_json", is_flag=True, help='print {"ok": bool, "problems": [...]}')
-@click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(min=1), help="with --workers 0")
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(min=8),
               help="decode images as training does at this size (JPEG draft mode)")
-def verify(root: str, as_json: bool, threads: int, image_size: int) -> None:
+@_scan_workers
+@_sample
+def verify(root: str, as_json: bool, threads: int, image_size: int, workers: Optional[int], sample: float) -> None:
     """Check every shard (count, size, sha256) and every sample (decodes, valid labels), reading as training
     reads. Exit 1 on problems."""
+    import time
+
     from .inspect import MAX_PROBLEMS, verify_dataset
     from .storage import read_manifest
 
     m = read_manifest(root)
-    with _bar(root, sum(len(s.shards) for s in m.splits.values()), "verify") as bar:
-        res = verify_dataset(root, threads=threads, progress=bar.update, image_size=image_size)
+    t0 = time.time()
+    with _Bars(root, m, "verify", sample) as bar:
+        res = verify_dataset(root, threads=threads, progress=bar.update, image_size=image_size, workers=workers,
+                             sample=sample)
+    took = f" in {time.time() - t0:.1f}s"
     if as_json:
         click.echo(json.dumps(res))
     elif res["ok"]:
-        click.echo(f"ok: {_shown(root)}: {res['samples']} samples in {sum(len(s.shards) for s in m.splits.values())} shards verified")
+        what = f"a sample of {res['shards']} of {sum(len(s.shards) for s in m.splits.values())}" if res["sampled"] \
+            else f"{res['shards']}"
+        click.echo(f"ok: {_shown(root)}: {res['samples']} samples in {what} shards verified{took}")
     else:
         click.echo(f"{res['problem_count']} problems in {_shown(root)}"
                    + (f" (the first {MAX_PROBLEMS} listed)" if res["problem_count"] > MAX_PROBLEMS else "") + ":")

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: decoding alone (verify's tasks) never loads it
+    import torch
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -119,6 +121,8 @@ def flip_mask(seed: int, epoch: int, shards: np.ndarray, indices: np.ndarray) ->
 
 @functools.lru_cache(maxsize=None)
 def _scale_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
     return (1.0 / (255.0 * std)).to(device), (mean / std).to(device)
@@ -127,6 +131,8 @@ def _scale_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def normalize(images: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
     """uint8 [B, S, S, 3] (any device) -> float32 [B, 3, S, S], ImageNet-normalised, on the same
     device; contiguous, or channels_last (the input's own memory order) when asked."""
+    import torch
+
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"normalize needs uint8 [B, S, S, 3], got {images.dtype} {list(images.shape)}")
     scale, shift = _scale_shift(images.device)
@@ -139,6 +145,8 @@ def normalize(images: torch.Tensor, *, channels_last: bool = False) -> torch.Ten
 
 def to_tensor(images: np.ndarray, flip: np.ndarray | None = None) -> torch.Tensor:
     """uint8 [B, S, S, 3] -> float32 [B, 3, S, S], flipped where `flip`, ImageNet-normalised."""
+    import torch
+
     if flip is not None and flip.any():
         images = images.copy()
         images[flip] = images[flip][:, :, ::-1]

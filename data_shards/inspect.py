@@ -9,11 +9,16 @@ listed sample. A shard's member count is compared with the manifest the way the 
 every member group is a sample position.
 
 Each shard is streamed once through a hashing reader, so verification costs one sequential
-read per shard (S3 or local) and memory of one sample; shards are processed by a thread pool
-(the work is I/O and zlib/PIL code that releases the GIL). Per-class counts are running totals
-per split, added as each shard finishes: memory does not grow with the number of shards.
-Problems are kept up to `MAX_PROBLEMS` (with the total count); names from the tars are
-printed with control characters escaped.
+read per shard (S3 or local) and memory of one sample. One shard is one unit of work: a Ray
+task (`workers` N at a time, or None: one per CPU of the local Ray or of the cluster at
+RAY_ADDRESS), or with `workers=0` a thread of this process (cheap for small datasets, no
+Ray). Either way a bounded window of shards is in flight and reports are consumed in manifest
+order, then dropped: per-class counts are running totals per split, so memory does not grow
+with the number of shards (a 9,600-class report is two 77 kB arrays, `window` of them at most).
+`sample` checks a deterministic fraction of the shards (each whole, so its size and sha256 are
+still checked; at least one per split) for a quick look; the per-class totals are then not
+compared with the manifest. Problems are kept up to `MAX_PROBLEMS` (with the total count);
+names from the tars are printed with control characters escaped.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Callable, Iterator
@@ -32,7 +38,7 @@ from .format import Manifest, ShardInfo, printable
 from .shard_reader import SampleError, ShardReadError, iter_groups, open_shard, sample_parts
 from .storage import join, read_manifest
 
-__all__ = ["ShardReport", "scan_shard", "inspect_dataset", "verify_dataset", "MAX_PROBLEMS"]
+__all__ = ["ShardReport", "scan_shard", "sampled_shards", "inspect_dataset", "verify_dataset", "MAX_PROBLEMS"]
 
 MAX_PROBLEMS = 1000
 VERIFY_SIZE = 224  # decode size for verify: the presets' training size
@@ -148,17 +154,63 @@ class _Problems:
             self.kept.append(p)
 
 
+def sampled_shards(manifest: Manifest, split: str, fraction: float) -> list[ShardInfo]:
+    """A deterministic `fraction` of a split's shards (by a hash of each path), at least one."""
+    shards = manifest.splits[split].shards
+    if fraction >= 1:
+        return list(shards)
+    if not 0 < fraction:
+        raise ValueError(f"sample fraction must be in (0, 1], got {fraction}")
+    pick = [s for s in shards if int(hashlib.sha256(s.path.encode()).hexdigest()[:8], 16) / 2**32 < fraction]
+    return pick or list(shards[:1])
+
+
 def _scan_all(
-    root: str, manifest: Manifest, decode_size: int | None, threads: int, progress: Callable[[int], None] | None
+    root: str, manifest: Manifest, decode_size: int | None, threads: int, progress: Callable[..., None] | None,
+    workers: int | None = 0, sample: float = 1.0,
 ) -> Iterator[tuple[str, ShardInfo, ShardReport]]:
-    """(split, shard, report) in manifest order; a report is dropped by the caller after use."""
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
-        for split, info in manifest.splits.items():
-            reports = ex.map(lambda s: scan_shard(root, s, manifest.num_classes, decode_size), info.shards)
-            for shard, rep in zip(info.shards, reports):
-                if progress:
-                    progress(1)
-                yield split, shard, rep
+    """(split, shard, report) in manifest order with a bounded window in flight; a report is
+    dropped by the caller after use."""
+    jobs = [(split, s) for split in manifest.splits for s in sampled_shards(manifest, split, sample)]
+    c = manifest.num_classes
+    started = False
+    if workers == 0:
+        ex = ThreadPoolExecutor(max_workers=max(1, threads))
+        submit, result, window = (lambda s: ex.submit(scan_shard, root, s, c, decode_size)), (lambda f: f.result()), 2 * threads
+    else:
+        import ray
+
+        from trainer.launch import ensure_ray  # the project's one place that starts Ray
+
+        started = ensure_ray()
+        task = ray.remote(num_cpus=1)(scan_shard)
+        # Reports are consumed in manifest order: twice the workers in flight, so that a worker
+        # that finished ahead of the oldest shard already has its next one.
+        window = 2 * (workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        submit, result = (lambda s: task.remote(root, s, c, decode_size)), ray.get
+    pending: deque = deque()
+    try:
+        it = iter(jobs)
+        for split, shard in it:
+            pending.append((split, shard, submit(shard)))
+            if len(pending) >= window:
+                break
+        while pending:
+            split, shard, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt[0], nxt[1], submit(nxt[1])))
+            rep = result(fut)
+            if progress:
+                progress(1, rep.positions)
+            yield split, shard, rep
+    finally:
+        if workers == 0:
+            ex.shutdown(wait=True, cancel_futures=True)
+        elif started:
+            import ray
+
+            ray.shutdown()
 
 
 def _totals(manifest: Manifest) -> dict[str, _SplitTotals]:
@@ -177,12 +229,14 @@ def _add(t: _SplitTotals, rep: ShardReport) -> None:
 
 
 def inspect_dataset(
-    root: str, threads: int = 4, progress: Callable[[int], None] | None = None, top: int = 10
+    root: str, threads: int = 4, progress: Callable[..., None] | None = None, top: int = 10,
+    workers: int | None = 0, sample: float = 1.0,
 ) -> dict:
-    """Per split: samples, shards, bytes, per-class pos/neg counts read from the shards."""
+    """Per split: samples, shards, bytes, per-class pos/neg counts read from the shards
+    (`progress(shards, samples)` after each shard; workers and sample as in the module docstring)."""
     manifest = read_manifest(root)
     totals, problems = _totals(manifest), {split: _Problems() for split in manifest.splits}
-    for split, _, rep in _scan_all(root, manifest, None, threads, progress):
+    for split, _, rep in _scan_all(root, manifest, None, threads, progress, workers, sample):
         _add(totals[split], rep)
         for p in rep.problems:
             problems[split].add(p)
@@ -204,12 +258,14 @@ def inspect_dataset(
 
 
 def verify_dataset(
-    root: str, threads: int = 4, progress: Callable[[int], None] | None = None, image_size: int = VERIFY_SIZE
+    root: str, threads: int = 4, progress: Callable[..., None] | None = None, image_size: int = VERIFY_SIZE,
+    workers: int | None = 0, sample: float = 1.0,
 ) -> dict:
-    """Check every shard against the manifest and every sample against the contract."""
+    """Check every shard (or a `sample` of them) against the manifest and every sample in it
+    against the contract, decoding as training does at `image_size`."""
     manifest = read_manifest(root)
     totals, problems = _totals(manifest), _Problems()
-    for split, shard, rep in _scan_all(root, manifest, image_size, threads, progress):
+    for split, shard, rep in _scan_all(root, manifest, image_size, threads, progress, workers, sample):
         if rep.sha256:  # read to the end
             if rep.bytes != shard.bytes:
                 rep.problem("-", f"size {rep.bytes} bytes, manifest says {shard.bytes}")
@@ -220,14 +276,18 @@ def verify_dataset(
         for p in rep.problems:
             problems.add(p)
         _add(totals[split], rep)
-    checked = 0
+    checked, shards = 0, 0
     for split, t in totals.items():
         info = manifest.splits[split]
         checked += t.samples
+        shards += t.shards
+        if sample < 1:
+            continue  # sums over a sample say nothing about the split's totals
         listed = sum(s.samples for s in info.shards)
         if listed != info.samples:
             problems.add({"shard": "-", "key": "-", "what": f"split {split}: shards sum to {listed}, manifest says {info.samples}"})
         stats = manifest.stats.get(split)
         if stats is not None and t.clean and (t.pos.tolist() != stats.pos or t.neg.tolist() != stats.neg):
             problems.add({"shard": "-", "key": "-", "what": f"split {split}: per-class counts differ from stats"})
-    return {"ok": problems.total == 0, "samples": checked, "problems": problems.kept, "problem_count": problems.total}
+    return {"ok": problems.total == 0, "samples": checked, "shards": shards, "sampled": sample < 1,
+            "problems": problems.kept, "problem_count": problems.total}

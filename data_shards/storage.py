@@ -68,8 +68,12 @@ def join(root: str, *parts: str) -> str:
     return os.path.join(root, *parts)
 
 
-def storage_options(url: str) -> dict[str, Any]:
-    """Options for fsspec from the environment; empty for local paths."""
+def storage_options(url: str, anon: bool = False) -> dict[str, Any]:
+    """Options for fsspec from the environment; empty for local paths.
+
+    `anon`: S3 requests go unsigned (a public bucket such as OpenImages' own), so no credential
+    is needed or sent; the retry settings and endpoint stay.
+    """
     if url.startswith(("http://", "https://")):
         # aiohttp's default is a 5-minute total per request: a host that drops packets would
         # stall one image (and each retry of it) that long. CSL_HTTP_TIMEOUT_S bounds it.
@@ -85,11 +89,13 @@ def storage_options(url: str) -> dict[str, Any]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
+    if anon:
+        opts["anon"] = True
     return opts
 
 
-def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return url_to_fs(url, **storage_options(url))
+def get_fs(url: str, anon: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+    return url_to_fs(url, **storage_options(url, anon))
 
 
 def open_file(url: str, mode: str = "rb") -> IO[bytes]:
@@ -97,8 +103,8 @@ def open_file(url: str, mode: str = "rb") -> IO[bytes]:
     return fs.open(path, mode)
 
 
-def read_bytes(url: str) -> bytes:
-    fs, path = get_fs(url)
+def read_bytes(url: str, anon: bool = False) -> bytes:
+    fs, path = get_fs(url, anon)
     return fs.cat_file(path)
 
 

@@ -16,10 +16,11 @@ Guarantees, in the order a crash could break them:
 Tars are written with the standard `tarfile` module with fixed metadata (mtime 0, uid 0), so
 the same records give byte-identical shards and the same sha256.
 
-Parallelism lives in the sources (decode, resize, draw, encode), through `parallel_map`; the
-writer is sequential I/O of bytes that are already encoded, which is not the bottleneck.
+`write_dataset` writes records it is handed, in one process: for tests, benchmarks and small
+tools. Converters build each shard in its own task instead (`convert.py`, one `ShardWriter`
+per shard at a given `first_index`), so no process handles every image.
 `parallel_map`'s worker processes die with their parent (Linux `PR_SET_PDEATHSIG`): a killed
-conversion leaves no workers behind.
+map leaves no workers behind.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ from .format import (
 )
 from .storage import exists, get_fs, is_remote, join, publish_file, read_manifest, remove, write_manifest
 
-__all__ = ["EmptySplitError", "ShardWriter", "write_dataset", "parallel_map", "shard_name", "check_split_name"]
+__all__ = ["EmptySplitError", "ShardWriter", "write_dataset", "parallel_map", "shard_name", "check_split_name",
+           "stale_shards", "current_manifest", "without_split"]
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,13 @@ class ShardWriter:
         max_samples: int = 1000,
         max_bytes: int = 1 << 30,
         before_publish: Callable[[], None] | None = None,
+        first_index: int = 0,
     ):
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         check_split_name(split)
         self.root, self.split, self.num_classes = root, split, num_classes
+        self.first_index = first_index  # the file number of this writer's first shard (a conversion task's shard)
         self._before_publish = before_publish  # called once, before the first shard is published
         self.max_samples, self.max_bytes = max_samples, max_bytes
         self.shards: list[ShardInfo] = []
@@ -131,7 +135,7 @@ class ShardWriter:
         self._staging = None if not is_remote(root) else tempfile.mkdtemp(prefix="csl-shard-")
 
     def _open(self) -> None:
-        final = join(self.root, shard_name(self.split, len(self.shards)))
+        final = join(self.root, shard_name(self.split, self.first_index + len(self.shards)))
         folder = self._staging or os.path.dirname(os.path.abspath(final))
         os.makedirs(folder, exist_ok=True)
         fd, self._tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=folder)
@@ -159,7 +163,7 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         if rec.key in self._keys_in_shard:
-            raise ValueError(f"{where}: duplicate key in shard {shard_name(self.split, len(self.shards))}")
+            raise ValueError(f"{where}: duplicate key in shard {shard_name(self.split, self.first_index + len(self.shards))}")
         self._keys_in_shard.add(rec.key)
         rec = Record(rec.key, rec.image, pos, neg, ext, true, rec.source, rec.extra)
         self._add(f"{rec.key}.{ext}", rec.image)
@@ -184,7 +188,7 @@ class ShardWriter:
         os.fsync(self._raw.fileno())
         self._raw.close()
         os.chmod(self._tmp_path, 0o644)
-        rel = shard_name(self.split, len(self.shards))
+        rel = shard_name(self.split, self.first_index + len(self.shards))
         if self._before_publish is not None:
             self._before_publish()
             self._before_publish = None
@@ -215,7 +219,7 @@ class ShardWriter:
         return info, stats, truth
 
 
-def _stale_shards(root: str, split: str, keep: set[str]) -> list[str]:
+def stale_shards(root: str, split: str, keep: set[str]) -> list[str]:
     fs, path = get_fs(join(root, split))
     try:
         names = fs.ls(path, detail=False)
@@ -254,7 +258,7 @@ def write_dataset(
         check_split_name(split)
     if keep is not None and [c.id for c in keep.classes] != [c.id for c in classes]:
         raise ValueError("write_dataset: the kept manifest's classes differ from the classes being written")
-    listed = keep if keep is not None else _current_manifest(root)
+    listed = keep if keep is not None else current_manifest(root)
     num_classes = len(classes)
     infos: dict[str, SplitInfo] = {}
     stats: dict[str, SplitStats] = {}
@@ -264,7 +268,7 @@ def write_dataset(
         def drop() -> None:
             nonlocal listed
             if listed is not None and split in listed.splits:
-                listed = _without(listed, split)
+                listed = without_split(listed, split)
                 if listed.splits:
                     write_manifest(root, listed)
                 else:
@@ -299,13 +303,13 @@ def write_dataset(
     manifest = Manifest(classes=list(classes), splits=infos, stats=stats, truth=truths, meta=meta or {})
     write_manifest(root, manifest)
     for split, info in infos.items():
-        for url in _stale_shards(root, split, {s.path for s in info.shards}):
+        for url in stale_shards(root, split, {s.path for s in info.shards}):
             log.info("removing stale shard %s", url)
             remove(url)
     return manifest
 
 
-def _current_manifest(root: str) -> Manifest | None:
+def current_manifest(root: str) -> Manifest | None:
     """The manifest now at `root`, or None where there is none (or none that parses)."""
     try:
         if not exists(join(root, "dataset.json")):
@@ -315,7 +319,7 @@ def _current_manifest(root: str) -> Manifest | None:
         return None
 
 
-def _without(m: Manifest, split: str) -> Manifest:
+def without_split(m: Manifest, split: str) -> Manifest:
     return m.model_copy(update={
         "splits": {k: v for k, v in m.splits.items() if k != split},
         "stats": {k: v for k, v in m.stats.items() if k != split},

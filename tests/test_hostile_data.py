@@ -402,9 +402,9 @@ def test_verify_escapes_control_characters(tmp_path, capsys):
         members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
     evil = "s\x1b]0;pwned\x07\x1b[2J"
     _tar(shard, [(n.replace("s0001", evil), b"not json" if n == "s0001.json" else d) for n, d in members])
-    rc, out, _ = cli(capsys, "shards", "verify", str(root))
+    rc, out, _ = cli(capsys, "shards", "verify", str(root), "--workers", "0")
     assert rc == 1 and "\x1b" not in out and "\x07" not in out and "s\\x1b]0;pwned" in out
-    rc, out, _ = cli(capsys, "shards", "verify", str(root), "--json")
+    rc, out, _ = cli(capsys, "shards", "verify", str(root), "--json", "--workers", "0")
     assert rc == 1 and "\x1b" not in out
 
 

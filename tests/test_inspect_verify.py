@@ -55,7 +55,7 @@ def test_inspect_counts_come_from_shards(dataset):
 
 def test_inspect_json_cli(dataset):
     root, m, _ = dataset
-    p = run_cli("shards", "inspect", root, "--json")
+    p = run_cli("shards", "inspect", root, "--json", "--workers", "0")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["classes"] == 6
@@ -66,8 +66,8 @@ def test_inspect_json_cli(dataset):
 def test_verify_ok(dataset):
     root, _, _ = dataset
     res = verify_dataset(root)
-    assert res == {"ok": True, "samples": 28, "problems": [], "problem_count": 0}
-    p = run_cli("shards", "verify", root, "--json")
+    assert res == {"ok": True, "samples": 28, "shards": 4, "sampled": False, "problems": [], "problem_count": 0}
+    p = run_cli("shards", "verify", root, "--json", "--workers", "0")
     assert p.returncode == 0 and json.loads(p.stdout)["ok"] is True
 
 
@@ -102,7 +102,7 @@ def test_verify_finds_damage(dataset):
         "sha256" in p["what"] for p in res["problems"] if p["shard"] == "train/train-000000.tar")
     assert any(p["shard"] == "train/train-000002.tar" and "manifest says" in p["what"] for p in res["problems"])
     assert whats[("val/val-000000.tar", "-")] == "shard file missing"
-    p = run_cli("shards", "verify", root)
+    p = run_cli("shards", "verify", root, "--workers", "0")
     assert p.returncode == 1
     assert "img003" in p.stdout and "val/val-000000.tar" in p.stdout
 

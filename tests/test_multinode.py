@@ -189,3 +189,24 @@ def test_prior_pass_with_an_actor_on_each_node_equals_in_process_scoring(two_nod
                              batch_size=16, workers=0, device=torch.device("cpu")))
     ref = sum(r.sum for r in rows) / sum(r.count for r in rows)
     np.testing.assert_allclose(read_priors(out, m), ref, rtol=0, atol=1e-5)
+
+
+def test_conversion_tasks_on_both_nodes_publish_to_s3_as_in_process(two_nodes, bucket, tmp_path):
+    """`csl shards` joins the cluster at RAY_ADDRESS, its tasks (one CPU each, one CPU per node)
+    publish straight to S3, and the result is byte-identical to an in-process conversion; an
+    output only the driver's disk holds is refused by the preflight."""
+    from data_shards.sources.synthetic import build_synthetic
+    from data_shards.storage import read_bytes
+
+    args = ["shards", "synthetic", "--train", "96", "--val", "16", "--image-size", "32", "--shard-samples", "16",
+            "--seed", "5"]
+    out = f"{bucket}/converted"
+    ok(csl(two_nodes, *args, "--out", out))
+    local = str(tmp_path / "here")
+    build_synthetic(local, train=96, val=16, image_size=32, shard_samples=16, seed=5, progress=False)
+    assert read_bytes(f"{out}/dataset.json") == Path(local, "dataset.json").read_bytes()
+    for shard in json.loads(Path(local, "dataset.json").read_text())["splits"]["train"]["shards"]:
+        assert read_bytes(f"{out}/{shard['path']}") == Path(local, shard["path"]).read_bytes()
+
+    p = csl(two_nodes, *args, "--out", str(tmp_path / "driver-only"))
+    assert p.returncode == 2 and "127.0.0.2: --out=" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]

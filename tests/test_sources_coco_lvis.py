@@ -61,7 +61,7 @@ def test_coco_full_and_fpc(tmp_path, openimages_dir):
     img_dir, names = _images_dir(tmp_path, openimages_dir, 8)
     inst = _coco_json(tmp_path, names)
     root = str(tmp_path / "coco")
-    m, rep = build_coco(inst, img_dir, root, shard_samples=3, workers=2, progress=False)
+    m, rep = build_coco(inst, img_dir, root, shard_samples=3, workers=0, progress=False)
     assert [c.id for c in m.classes] == ["1", "3", "18", "90"]
     assert rep.problem_counts == {"annotation of unknown image": 1, "unknown category": 1, "missing image": 1}
     assert m.splits["train"].samples == 8

@@ -81,7 +81,7 @@ def test_counts_every_problem_and_keeps_good_labels(tmp_path, openimages_dir):
     descr = str(openimages_dir / "oidv6-class-descriptions.csv")
     root = str(tmp_path / "oi")
     m, report = build_openimages(
-        csv_path, descr, str(openimages_dir / "images"), root, shard_samples=4, workers=2, progress=False
+        csv_path, descr, str(openimages_dir / "images"), root, shard_samples=4, workers=0, progress=False
     )
     assert report.problem_counts == expect
     assert report.problems == sum(expect.values())
@@ -143,7 +143,7 @@ def test_s3_images_resize_and_split_merge(tmp_path, openimages_dir, s3_bucket):
     val = _write_csv(tmp_path / "val.csv", ["ImageID,Source,LabelName,Confidence", f"{ids[3]},v,{CAR},0"])
     root = f"{s3_bucket}/ds"
     template = f"{s3_bucket}/imgs/{{id}}.jpg"
-    m, rep = build_openimages(train, mids, template, root, resize=100, workers=2, progress=False)
+    m, rep = build_openimages(train, mids, template, root, resize=100, workers=0, progress=False)
     assert rep.problems == 0 and m.splits["train"].samples == 3
     m2, _ = build_openimages(val, mids, template, root, split="val", resize=100, progress=False)
     assert set(m2.splits) == {"train", "val"} and m2.splits["train"] == m.splits["train"]

@@ -104,7 +104,7 @@ def test_bad_arguments_raise_at_call():
 
 def test_build_synthetic_root(tmp_path):
     root = str(tmp_path / "syn")
-    m = S.build_synthetic(root, train=120, val=50, image_size=32, shard_samples=50, workers=2, progress=False)
+    m = S.build_synthetic(root, train=120, val=50, image_size=32, shard_samples=50, workers=0, progress=False)
     assert read_manifest(root) == m
     assert m.splits["train"].samples == 120 and len(m.splits["train"].shards) == 3
     assert m.meta["schemes"] == {"train": "openimages", "val": "full"}

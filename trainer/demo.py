@@ -187,15 +187,15 @@ def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     data = os.path.join(out, "data")
-    if not os.path.exists(os.path.join(data, "dataset.json")):
-        build_synthetic(data, train=train, val=val, image_size=image_size, scheme="openimages", seed=seed,
-                        shard_samples=500, workers=os.cpu_count() or 1)
-    manifest = read_manifest(data)
     base = load_config("synthetic-cpu", [f"data.root={data}", f"data.image_size={image_size}", f"train.epochs={epochs}",
                                          f"train.seed={seed}", f"cluster.workers={workers}", *(overrides or [])])
     runs = os.path.join(out, "runs")
-    started_ray = ensure_ray(verbose)  # one cluster for all five stages
+    started_ray = ensure_ray(verbose)  # one cluster for all stages, the data's shard tasks included
     try:
+        if not os.path.exists(os.path.join(data, "dataset.json")):
+            build_synthetic(data, train=train, val=val, image_size=image_size, scheme="openimages", seed=seed,
+                            shard_samples=500, workers=None)
+        manifest = read_manifest(data)
         cfgs = {"ignore": stage_config(base, runs, "ignore", loss_name="ignore", prior_path=None),
                 "negative": stage_config(base, runs, "negative", loss_name="negative", prior_path=None)}
         evals = {k: _train(c, verbose) for k, c in cfgs.items()}

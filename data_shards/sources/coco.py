@@ -42,11 +42,11 @@ from .common import (
     ConversionReport,
     ImageTask,
     check_images,
-    image_records,
+    convert_images,
     image_url,
     input_fault,
     short_repr,
-    write_split,
+    input_identity,
 )
 
 __all__ = [
@@ -212,9 +212,11 @@ def build_coco(
     seed: int = 0,
     resize: int | None = None,
     shard_samples: int = 1000,
-    workers: int = 0,
+    workers: int | None = 0,
     strict: bool = False,
     progress: bool = True,
+    anon: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Manifest, ConversionReport]:
     """Convert a COCO instances JSON, annotating it with `scheme` (see `simulate.py`).
 
@@ -239,11 +241,11 @@ def build_coco(
             neg = np.flatnonzero(labels[i] == -1).tolist()
             yield url, key, pos, neg, np.flatnonzero(full[i]).tolist(), at
 
-    records = image_records(
-        tasks(), resize=resize, workers=workers, report=report, desc=f"coco {split}", progress=progress, total=len(imgs)
-    )
     split_meta = {"instances": instances, "images": images, "scheme": str(sch), "seed": seed, "resize": resize}
-    manifest = write_split(
-        out, classes, split, records, shard_samples=shard_samples, source="coco", split_meta=split_meta, report=report
+    settings = {"instances": instances, "instances file": input_identity(instances), "images": images, "scheme": str(sch), "seed": seed}
+    manifest = convert_images(
+        out, classes, split, tasks(), resize=resize, anon=anon, shard_samples=shard_samples, source="coco",
+        split_meta=split_meta, settings=settings, report=report, workers=workers, overwrite=overwrite,
+        progress=progress, total=len(imgs),
     )
     return manifest, report

@@ -7,14 +7,16 @@ kind in a `ConversionReport`, keeps a few examples of each (file and line, or im
 person who has to fix the data, prints a summary at the end, and in strict mode raises on the
 first problem instead.
 
-Images are fetched and (optionally) resized in pool workers through `fetch_image`: it takes a
-plain tuple and returns a plain tuple so that it pickles cheaply and a failure is a value, not
-an exception that would tear down the pool. Whatever goes wrong with one image (not there, not
-an image, a decompression bomb, a host that does not answer) is a problem of that image,
-counted and skipped; one bad file among millions must not cost the whole conversion. A remote
-read gets a few tries with backoff first, since a dropped connection says nothing about the
-image (S3 is left to botocore's own retries). Without a resize the original bytes are kept:
-re-encoding a JPEG costs quality and CPU for nothing.
+Images are fetched and (optionally) resized inside the task that builds their shard
+(`fetch_records`, run by `convert.build_shard` in-process or as a Ray task): a few reads in
+flight on threads hide network latency, decoding stays in order. Whatever goes wrong with one
+image (not there, not an image, a decompression bomb, a host that does not answer) is a
+problem of that image, counted and skipped; one bad file among millions must not cost the whole
+conversion. A remote read gets a few tries with backoff first, since a dropped connection says
+nothing about the image (S3 is left to botocore's own standard-mode retries; `anon` reads a
+public bucket unsigned). Without a resize the original bytes are kept: re-encoding a JPEG costs
+quality and CPU for nothing. `convert_images` cuts a converter's image tasks into shard jobs
+and runs them (`convert.run_conversion`: resumable, Ray or in-process).
 
 Image locations come from the annotation files, which are input like any other: a `file_name`
 of `../../home/me/.ssh/id_rsa` or `/etc/shadow` must not pack a file from outside `--images`.
@@ -42,12 +44,11 @@ import reprlib
 import time
 import zlib
 from dataclasses import dataclass, field
-from contextlib import closing
 from typing import Iterable, Iterator, Sequence
 
 from ..format import ClassInfo, LabelError, Manifest, ManifestError, Record, validate_key
 from ..storage import exists, get_fs, is_remote, join, read_bytes, read_manifest, redact
-from ..writer import EmptySplitError, parallel_map, write_dataset
+from ..writer import check_split_name
 
 __all__ = [
     "ConversionError",
@@ -64,8 +65,9 @@ __all__ = [
     "resize_short_edge",
     "merge_target",
     "ImageTask",
-    "image_records",
-    "write_split",
+    "fetch_records",
+    "input_identity",
+    "convert_images",
 ]
 
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -258,17 +260,25 @@ def _transient(e: Exception) -> bool:
     return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429))
 
 
-def read_image_bytes(url: str) -> bytes:
-    """The bytes of one image; a remote read (other than S3) is retried with backoff."""
-    attempts = FETCH_ATTEMPTS if is_remote(url) and not url.startswith(("s3://", "s3a://")) else 1
+def read_image_bytes(url: str, anon: bool = False) -> bytes:
+    """The bytes of one image; a remote read (other than S3) is retried with backoff; S3
+    (`anon`: unsigned, for public buckets) is left to botocore's standard-mode retries.
+
+    An S3 image is one GET: s3fs's default first asks for the size (a HEAD) to split big
+    objects into parallel ranges, which for images doubles the requests (and a public bucket
+    may allow GetObject only)."""
+    if url.startswith(("s3://", "s3a://")):
+        fs, path = get_fs(url, anon)
+        return fs.cat_file(path, max_concurrency=1)
+    attempts = FETCH_ATTEMPTS if is_remote(url) else 1
     for attempt in range(attempts - 1):
         try:
-            return read_bytes(url)
+            return read_bytes(url, anon)
         except Exception as e:
             if not _transient(e):
                 raise
         time.sleep(FETCH_BACKOFF_S * 2**attempt)
-    return read_bytes(url)
+    return read_bytes(url, anon)
 
 
 def decode_image(data: bytes, resize: int | None = None) -> tuple[bytes, str]:
@@ -348,72 +358,112 @@ _FETCH_PROBLEMS = {"missing": "missing image", "bad": "unreadable image", "unrea
 ImageTask = tuple[str, str, list[int], list[int], "list[int] | None", str]
 """(image url, sample key, pos, neg, true or None, where: file:line or image id for reports)."""
 
+_READ_AHEAD = 16  # image reads in flight inside one shard task: hides S3/HTTP latency behind the decode
+_READ_THREADS = 8
 
-def image_records(
+
+def _read_one(url: str, anon: bool) -> tuple[str, object]:
+    try:
+        return "ok", read_image_bytes(url, anon)
+    except FileNotFoundError:
+        return "missing", f"image not found: {redact(url)}"
+    except Exception as e:
+        status = "unreachable" if is_remote(url) else "bad"
+        why = redact(f"{type(e).__name__}: {e}")
+        tries = f" after {FETCH_ATTEMPTS} tries" if status == "unreachable" and _transient(e) else ""
+        return status, f"{redact(url)}: cannot read{tries} ({why})"[:500]
+
+
+def fetch_records(entries: list[ImageTask], opts: dict, report: ConversionReport) -> Iterator[Record]:
+    """A shard task's records: its images read a few at a time in threads (I/O), decoded and
+    resized here in order; a missing, unreachable or unusable image is a reported problem."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    resize, anon = opts.get("resize"), bool(opts.get("anon"))
+    with ThreadPoolExecutor(max_workers=min(_READ_THREADS, max(1, len(entries)))) as ex:
+        it = iter(entries)
+        window: deque = deque()
+        for e in it:
+            window.append((e, ex.submit(_read_one, e[0], anon)))
+            if len(window) >= _READ_AHEAD:
+                break
+        while window:
+            (url, key, pos, neg, true, where), fut = window.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                window.append((nxt, ex.submit(_read_one, nxt[0], anon)))
+            status, data = fut.result()
+            ext = ""
+            if status == "ok":
+                try:
+                    data, ext = decode_image(data, resize)  # type: ignore[arg-type]
+                except Exception as err:
+                    status, data = "bad", redact(f"{url}: {err}")[:500]
+            if status != "ok":
+                report.problem(_FETCH_PROBLEMS[status], where, str(data))
+                continue
+            report.count("images written")
+            yield Record(key=key, image=data, pos=pos, neg=neg, ext=ext, true=true)  # type: ignore[arg-type]
+
+
+def input_identity(url: str) -> str:
+    """Size and modification stamp (mtime, or the object's ETag) of an input file: what a
+    resumed conversion compares to notice that its input was replaced."""
+    try:
+        fs, path = get_fs(url)
+        info = fs.info(path)
+    except Exception:  # reading the file itself will say what is wrong with it
+        return "not readable"
+    stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    return f"{info.get('size')} bytes, {str(stamp).strip(chr(34))}"
+
+
+def convert_images(
+    out: str,
+    classes: Sequence[ClassInfo],
+    split: str,
     tasks: Iterable[ImageTask],
     *,
     resize: int | None,
-    workers: int,
+    anon: bool = False,
+    shard_samples: int,
+    source: str,
+    split_meta: dict[str, object],
+    settings: dict[str, object],
     report: ConversionReport,
-    desc: str,
-    progress: bool,
+    workers: int | None = 0,
+    overwrite: bool = False,
+    progress: bool = True,
     total: int | None = None,
-) -> Iterator[Record]:
-    """Fetch (and resize) the images of `tasks` in a process pool; yield complete records.
+) -> Manifest:
+    """Convert one split of image tasks into `out`, keeping the other splits of an existing root.
 
-    A missing, unreadable or unreachable image is a problem in the report and its sample is
-    skipped (the report names it by `where` and its URL, without credentials). The
-    pool is ordered and bounded (`parallel_map`), so memory holds a window of images, not the
-    dataset, and the output order is the input order.
+    The tasks are cut into shard jobs of `shard_samples` images (`convert.cut_jobs`; a bad
+    sample key is reported and dropped here, on the driver, so the cut stays deterministic);
+    each job is built by `convert.build_shard` (in-process, or as a Ray task with workers != 0).
+    The manifest's meta records, per split, how it was converted (`conversions.<split>`), its
+    strings redacted, so no credential in an input URL reaches `dataset.json`.
     """
-    from tqdm import tqdm
+    from ..convert import SplitPlan, cut_jobs, run_conversion
 
-    def pool_tasks() -> Iterator[tuple]:
+    check_split_name(split)
+    keep = merge_target(out, classes, split)
+    conversions = dict(keep.meta.get("conversions", {})) if keep is not None else {}  # type: ignore[call-overload]
+    conversions[split] = {k: redact(v) if isinstance(v, str) else v for k, v in split_meta.items()}
+    meta = {**(keep.meta if keep is not None else {}), "source": source, "conversions": conversions}
+
+    def entries() -> Iterator[ImageTask]:
         for url, key, pos, neg, true, where in tasks:
             try:
                 validate_key(key)
             except LabelError as e:
                 report.problem("bad sample key", where, str(e))
                 continue
-            yield (url, resize, key, pos, neg, true, where)
+            yield url, key, pos, neg, true, where
 
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar, closing(
-        parallel_map(fetch_image, pool_tasks(), workers)
-    ) as results:
-        for status, data, ext, key, pos, neg, true, where in results:
-            bar.update(1)
-            if status != "ok":
-                report.problem(_FETCH_PROBLEMS[status], where, data)
-                continue
-            report.count("images written")
-            yield Record(key=key, image=data, pos=pos, neg=neg, ext=ext, true=true)
-
-
-def write_split(
-    out: str,
-    classes: Sequence[ClassInfo],
-    split: str,
-    records: Iterable[Record],
-    *,
-    shard_samples: int,
-    source: str,
-    split_meta: dict[str, object],
-    report: ConversionReport | None = None,
-) -> Manifest:
-    """Write one split into `out`, keeping the other splits of an existing root there.
-
-    The manifest's meta records, per split, how it was converted (`conversions.<split>`); its
-    strings are redacted here, so no credential in an input URL reaches `dataset.json`. When
-    nothing is left to write, the writer's error is completed with `report`'s problems: the
-    summary that would have said why is otherwise never printed.
-    """
-    keep = merge_target(out, classes, split)
-    conversions = dict(keep.meta.get("conversions", {})) if keep is not None else {}  # type: ignore[call-overload]
-    conversions[split] = {k: redact(v) if isinstance(v, str) else v for k, v in split_meta.items()}
-    meta = {"source": source, "conversions": conversions}
-    try:
-        return write_dataset(out, classes, {split: records}, shard_samples=shard_samples, meta=meta, keep=keep)
-    except EmptySplitError as e:
-        if report is None:
-            raise
-        raise EmptySplitError(f"{e}; {report.source} input had {report.brief()}") from None
+    plan_settings = {k: redact(v) if isinstance(v, str) else v for k, v in settings.items()}
+    plan_settings.update({"source": source, "resize": resize, "shard_samples": shard_samples})
+    plan = SplitPlan(jobs=cut_jobs(split, entries(), shard_samples, fetch_records), settings=plan_settings, images=total)
+    return run_conversion(out, classes, {split: plan}, source=source, opts={"resize": resize, "anon": anon},
+                          meta=meta, report=report, keep=keep, workers=workers, overwrite=overwrite, progress=progress)

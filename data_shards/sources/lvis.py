@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from ..format import ClassInfo, Manifest
 from ..storage import redact
 from .coco import annotated_classes, categories, image_tasks, load_json, read_images
-from .common import ConversionReport, ImageTask, check_images, image_records, short_repr, write_split
+from .common import ConversionReport, ImageTask, check_images, convert_images, short_repr, input_identity
 
 __all__ = ["lvis_labels", "build_lvis"]
 
@@ -81,9 +81,11 @@ def build_lvis(
     split: str = "train",
     resize: int | None = None,
     shard_samples: int = 1000,
-    workers: int = 0,
+    workers: int | None = 0,
     strict: bool = False,
     progress: bool = True,
+    anon: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Manifest, ConversionReport]:
     """Convert an LVIS v1 annotation JSON; `images` as in `build_coco`."""
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
@@ -99,11 +101,11 @@ def build_lvis(
             pos, neg = labels[i]
             yield url, key, pos, neg, None, at
 
-    records = image_records(
-        tasks(), resize=resize, workers=workers, report=report, desc=f"lvis {split}", progress=progress, total=len(imgs)
-    )
     split_meta = {"annotations": annotations, "images": images, "resize": resize}
-    manifest = write_split(
-        out, classes, split, records, shard_samples=shard_samples, source="lvis", split_meta=split_meta, report=report
+    settings = {"annotations": annotations, "annotations file": input_identity(annotations), "images": images}
+    manifest = convert_images(
+        out, classes, split, tasks(), resize=resize, anon=anon, shard_samples=shard_samples, source="lvis",
+        split_meta=split_meta, settings=settings, report=report, workers=workers, overwrite=overwrite,
+        progress=progress, total=len(imgs),
     )
     return manifest, report

@@ -3,12 +3,15 @@
 Input: `ImageID,Source,LabelName,Confidence` rows (Confidence 1 a verified positive, 0 a
 verified negative), tens of millions of them. The CSV is streamed with `csv.reader` and rows
 are grouped by consecutive ImageID (the official file is sorted by ImageID), so labels in
-memory are those of one image plus the pool's window of images in flight, never the file.
+memory are those of one image plus the shard jobs in flight (ids and labels only: the images
+are read by the tasks that build the shards, `convert.py`), never the file.
 
 Detecting an ImageID that comes back after another one ("ungrouped rows") needs a memory of
-the ids already seen. A dict of 9 M strings would cost about 1 GB; instead `_SeenIds` keeps
-64-bit hashes in a sorted numpy array (8 bytes per image, about 72 MB at 9 M), and only looks
-an id up when it is not greater than every id so far, which never happens in a sorted file.
+the ids already seen, but only once the file turns out unsorted: while every ImageID is
+greater than the one before (the official file is sorted) nothing is kept and memory stays
+flat. The first id that is not re-reads the rows before it once (ids only) and from then on
+`_SeenIds` keeps 64-bit hashes in a sorted numpy array (8 bytes per image, about 72 MB at 9 M;
+a dict of 9 M strings would cost about 1 GB).
 A reappearing group is dropped and each of its rows counted: emitting it would write the
 same key twice with half of its labels each time.
 
@@ -48,10 +51,10 @@ from .common import (
     ConversionReport,
     ImageTask,
     check_images,
-    image_records,
+    convert_images,
     image_url,
     input_fault,
-    write_split,
+    input_identity,
 )
 
 __all__ = ["load_classes", "read_label_groups", "build_openimages"]
@@ -151,13 +154,23 @@ class _SeenIds:
 
     _BATCH = 1 << 16
 
-    def __init__(self) -> None:
+    def __init__(self, earlier: Callable[[], Iterator[str]] | None = None) -> None:
+        """`earlier` yields every id added so far (a re-read of the input): given, nothing is
+        stored until the first id that is not greater than all before it."""
         self._sorted = np.empty(0, dtype=np.int64)
         self._recent: set[int] = set()
         self._max: str | None = None
+        self._earlier = earlier
 
     def add(self, image_id: str) -> bool:
         """Remember `image_id`; True if it had been added before."""
+        if self._earlier is not None:
+            if self._max is None or image_id > self._max:
+                self._max = image_id
+                return False
+            earlier, self._earlier = self._earlier, None
+            for prev in earlier():
+                self._remember(hash(prev))
         # str hash is salted per process but stable within it, which is all this needs; a
         # false "seen" needs a 64-bit collision (about n^2 / 2^65: 2e-6 at 9 M ids).
         h = hash(image_id)
@@ -171,14 +184,41 @@ class _SeenIds:
         if self._max is None or image_id > self._max:
             self._max = image_id
         if not seen:
-            self._recent.add(h)
-            if len(self._recent) >= self._BATCH:
-                new = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
-                new.sort()
-                # Two sorted runs: the stable sort (timsort) merges them in linear time.
-                self._sorted = np.sort(np.concatenate([self._sorted, new]), kind="stable")
-                self._recent.clear()
+            self._remember(h)
         return seen
+
+    def _remember(self, h: int) -> None:
+        self._recent.add(h)
+        if len(self._recent) >= self._BATCH:
+            new = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
+            new.sort()
+            self._sorted = _merge_sorted(self._sorted, new)
+            self._recent.clear()
+
+
+def _ids_before(labels_csv: str, header: bool, ncols: int, col: int, stop: int) -> Iterator[str]:
+    """The ImageIDs of the usable rows before line `stop`: what `read_label_groups` added."""
+    with closing(_csv_rows(labels_csv)) as rows:
+        for line, row in rows:
+            if line >= stop:
+                return
+            if header:
+                header = False
+                continue
+            if row and len(row) == ncols and row[col].strip():
+                yield row[col].strip()
+
+
+def _merge_sorted(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Merge two sorted int64 arrays into one new array: the result plus a 1-byte mask beside
+    `old` at the peak (concatenate-then-sort would hold three copies)."""
+    out = np.empty(old.size + new.size, dtype=np.int64)
+    at = np.searchsorted(old, new) + np.arange(new.size)
+    mask = np.ones(out.size, dtype=bool)
+    mask[at] = False
+    out[at] = new
+    out[mask] = old
+    return out
 
 
 def _parse_confidence(text: str) -> int | None:
@@ -204,7 +244,8 @@ def read_label_groups(
     A file that cannot be read on (see the module docstring) raises ConversionError at file:line.
     """
     name = redact(labels_csv)
-    seen = _SeenIds()
+    header, ncols, line = False, len(_COLUMNS), 0
+    seen = _SeenIds(lambda: _ids_before(labels_csv, header, ncols, cols["ImageID"], line))
     cur: str | None = None
     cur_line = 0
     dropped = False  # the current group is a reappearance: its rows are not used
@@ -230,7 +271,7 @@ def read_label_groups(
                 names = [c.strip() for c in row]
                 if set(_COLUMNS) <= set(names):
                     cols = {c: names.index(c) for c in _COLUMNS}
-                    ncols = len(names)
+                    ncols, header = len(names), True
                     continue
                 if any(n in _COLUMNS for n in names):
                     raise ConversionError(f"{name}:{line}: header {row!r} lacks columns {', '.join(_COLUMNS)}"[:300])
@@ -292,12 +333,18 @@ def build_openimages(
     strict: bool = False,
     resize: int | None = None,
     shard_samples: int = 1000,
-    workers: int = 0,
+    workers: int | None = 0,
     progress: bool = True,
     limit: int | None = None,
     skip_unknown: bool = False,
+    anon: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Manifest, ConversionReport]:
-    """Convert one split of OpenImages; `images` is a folder/URL prefix or a `{id}` template."""
+    """Convert one split of OpenImages; `images` is a folder/URL prefix or a `{id}` template.
+
+    workers: 0 in-process, N Ray tasks at a time, None all the cluster's CPUs (`convert.py`);
+    a rerun resumes what a stopped one published; `anon` reads public S3 buckets unsigned.
+    """
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
         raise ValueError(f"resize must be a positive short-edge size in pixels, got {resize!r}")
     if limit is not None and limit < 0:
@@ -321,11 +368,12 @@ def build_openimages(
                     continue
                 yield url, image_id, pos, neg, None, where
 
-    records = image_records(
-        tasks(), resize=resize, workers=workers, report=report, desc=f"openimages {split}", progress=progress, total=limit
-    )
     split_meta = {"labels": labels_csv, "classes": classes_file, "images": images, "resize": resize}
-    manifest = write_split(
-        out, classes, split, records, shard_samples=shard_samples, source="openimages", split_meta=split_meta, report=report
+    settings = {"labels": labels_csv, "labels file": input_identity(labels_csv), "images": images, "limit": limit,
+                "skip_unknown": skip_unknown}
+    manifest = convert_images(
+        out, classes, split, tasks(), resize=resize, anon=anon, shard_samples=shard_samples, source="openimages",
+        split_meta=split_meta, settings=settings, report=report, workers=workers, overwrite=overwrite,
+        progress=progress, total=limit,
     )
     return manifest, report

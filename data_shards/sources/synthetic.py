@@ -33,9 +33,10 @@ openimages annotation from `[seed, split_id, i, 1]`: the bytes do not depend on 
 workers, and the images do not depend on the scheme. Other schemes are simulated in the parent
 on the split's full matrix (content only, no drawing) with a seed derived from (seed, split).
 
-Cost: about 1.2 ms per image at 64 px on one core (~800 img/s drawing + JPEG; ~1,600 img/s
-end to end with 2 workers on 2 cores, shard writing included); 4,000 + 1,000 images take
-about 3 s. Work is sent to the pool in chunks of 32 images to amortise per-task overhead.
+Writing: `build_synthetic` makes each shard one job of `convert.py` (`draw_records` draws
+images [start, stop) inside the task), in-process or as Ray tasks, resumable like any
+conversion; `synthetic_records` still yields records through a process pool in chunks of 32
+images (amortising per-task overhead) for callers that write them themselves.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import numpy as np
 
 from ..format import ClassInfo, Manifest, Record
 from ..simulate import Scheme, parse_scheme, simulate
-from ..writer import parallel_map, write_dataset
+from ..writer import parallel_map
 
 __all__ = [
     "OBJECTS",
@@ -343,6 +344,30 @@ def synthetic_records(
     return records()
 
 
+def draw_records(args: tuple, opts: dict, report: object) -> Iterator[Record]:
+    """A shard task's records: images [start, stop) of a split drawn in the task (`convert.py`)."""
+    seed, split, start, stop, size, rows = args
+    for a in range(start, stop, _CHUNK):
+        b = min(stop, a + _CHUNK)
+        yield from _make_chunk((seed, split, a, b, size, None if rows is None else rows[a - start : b - start]))
+
+
+def _split_jobs(split: str, n: int, size: int, sch: Scheme, seed: int, shard_samples: int) -> Iterator:
+    from ..convert import ShardJob
+
+    labels: np.ndarray | None = None
+    if sch.kind != "openimages":
+        sid = _split_id(split)
+        sim_seed = int(np.random.SeedSequence([seed, sid, 3]).generate_state(1)[0])
+        labels = simulate(synthetic_truth(split, n, seed), sch, sim_seed)
+    for index, start in enumerate(range(0, n, shard_samples)):
+        stop = min(n, start + shard_samples)
+        rows = None
+        if labels is not None:
+            rows = [(np.flatnonzero(r == 1).tolist(), np.flatnonzero(r == -1).tolist()) for r in labels[start:stop]]
+        yield ShardJob(split, index, draw_records, (seed, split, start, stop, int(size), rows), stop - start)
+
+
 def build_synthetic(
     out: str,
     *,
@@ -353,22 +378,43 @@ def build_synthetic(
     val_scheme: str = "full",
     seed: int = 0,
     shard_samples: int = 500,
-    workers: int = 0,
+    workers: int | None = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Manifest:
-    """Draw and write a synthetic dataset (splits `train`, and `val` when val > 0)."""
+    """Draw and write a synthetic dataset (splits `train`, and `val` when val > 0).
+
+    Each shard is one job of `convert.py`: drawn in-process (workers=0) or as Ray tasks
+    (N at a time, or None: all the cluster's CPUs); a rerun resumes a stopped one.
+    """
+    from ..convert import SplitPlan, run_conversion
+    from .common import ConversionReport
+
     schemes = {"train": parse_scheme(scheme), "val": parse_scheme(val_scheme)}
     sizes = {"train": train, "val": val}
-    splits = {
-        name: synthetic_records(name, sizes[name], image_size=image_size, scheme=schemes[name], seed=seed, workers=workers, progress=progress)
-        for name in ("train", "val")
-        if name == "train" or val > 0
+    for name, n in sizes.items():
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"synthetic: number of {name} images must be an integer >= 0, got {n!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not 16 <= image_size <= 1024:
+        raise ValueError(f"synthetic: image_size must be an integer in [16, 1024], got {image_size!r}")
+    if shard_samples < 1:
+        raise ValueError(f"shard_samples must be >= 1, got {shard_samples}")
+    names = [name for name in ("train", "val") if name == "train" or val > 0]
+    plans = {
+        name: SplitPlan(
+            jobs=_split_jobs(name, sizes[name], image_size, schemes[name], seed, shard_samples),
+            settings={"source": "synthetic", "images": sizes[name], "image_size": image_size,
+                      "scheme": str(schemes[name]), "seed": seed, "shard_samples": shard_samples},
+            images=sizes[name],
+        )
+        for name in names
     }
     meta = {
         "source": "synthetic",
         "seed": seed,
         "image_size": image_size,
-        "schemes": {k: str(schemes[k]) for k in splits},
+        "schemes": {k: str(schemes[k]) for k in names},
         "class_groups": class_groups(),
     }
-    return write_dataset(out, synthetic_classes(), splits, shard_samples=shard_samples, meta=meta)
+    return run_conversion(out, synthetic_classes(), plans, source="synthetic", opts={}, meta=meta,
+                          report=ConversionReport("synthetic"), workers=workers, overwrite=overwrite, progress=progress)
