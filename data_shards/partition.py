@@ -43,6 +43,30 @@ The plan depends on num_workers (step 4). A plan independent of it would either 
 worker read the whole rank span (nw times the I/O, ruinous from S3) or need a fixed number of
 interleaved lanes per worker (many open streams and buffers); resuming mid-epoch with another
 worker count is therefore refused by the stream, and allowed at an epoch boundary.
+
+Lanes: the same epoch at another world size. Steps 2-6 are computed once for `lanes` canonical
+ranks C (MosaicML's "canonical nodes"), each with `lane_batch` samples per batch; a lane's batch
+i is the same samples whatever the world size. Canonical batch index i of every lane together
+is one global micro-step; `grad_accum` consecutive indices are one optimizer step (the global
+batch, C x lane_batch x accum samples). At world size W (W must divide C) rank r plays the
+m = C/W contiguous lanes [r*m, (r+1)*m), and its micro-batch j concatenates lane batch
+i = j // g of q adjacent lanes (group j % g, g = m/q): the per-worker batch is q x lane_batch and
+the accumulation g x accum, so the optimizer step still covers indices [t*accum, (t+1)*accum) of
+every lane. The cursor is therefore rank-free: a checkpoint at optimizer step t is lane index
+i = t*accum, and any W dividing C resumes at micro-batch i*g. `lanes = world size` (the
+default) is exactly the plan above.
+
+Trade-offs of lanes. (a) Shuffle quality does not depend on C: the shard permutation is global
+and the windows are per lane worker, as before. (b) Shards: C lane spans cut the sequence in C
+places instead of W, so up to C (not W) shards are read partly by two lanes (at most one shard
+prefix of wasted reading each). (c) Readers: a rank reads its m lanes side by side, so each
+DataLoader worker holds about m open shard streams and shuffle windows (m = 1 at the run's own
+size); set C to the largest world size the run may grow to, not larger. (d) Workers: a lane's
+plan worker cw feeds micro-batches j with j = cw*g + group (mod nw), so every (lane, plan
+worker) pair is read by exactly one DataLoader worker and each sample is read once; the number
+of DataLoader workers is still part of the mid-epoch plan. (e) A world size that does not
+divide C cannot keep every lane whole on one rank and is refused (`lane_layout` names the sizes
+that can).
 """
 
 from __future__ import annotations
@@ -62,6 +86,13 @@ __all__ = [
     "WorkerPlan",
     "worker_plan",
     "rank_batches",
+    "LaneLayout",
+    "lane_layout",
+    "valid_world_sizes",
+    "lane_pairs",
+    "lane_consumed",
+    "lane_worker_batches",
+    "layout_rank_batches",
 ]
 
 
@@ -257,3 +288,120 @@ def rank_batches(
         for i, b in zip(p.batch_ids, p.batches()):
             out[int(i)] = b
     return out  # type: ignore[return-value]
+
+
+# -- lanes: a plan that survives a change of world size (see the module docstring) ----------
+
+
+def valid_world_sizes(lanes: int) -> list[int]:
+    """World sizes that keep every lane whole on one rank: the divisors of `lanes`."""
+    return [w for w in range(1, lanes + 1) if lanes % w == 0]
+
+
+@dataclass(frozen=True)
+class LaneLayout:
+    """How one rank of a world of `world_size` plays `lanes` canonical ranks.
+
+    Rank r owns lanes [r*per_rank, (r+1)*per_rank); its micro-batch j is lane batch j // groups
+    of the `per_batch` lanes of group j % groups.
+    """
+
+    lanes: int
+    world_size: int
+    rank: int
+    per_batch: int  # q: lanes concatenated into one micro-batch
+
+    @property
+    def per_rank(self) -> int:
+        return self.lanes // self.world_size
+
+    @property
+    def groups(self) -> int:
+        """g: micro-batches per lane batch index."""
+        return self.per_rank // self.per_batch
+
+    def first_lane(self) -> int:
+        return self.rank * self.per_rank
+
+    def lanes_of(self, j: int) -> tuple[int, range]:
+        """(lane batch index, lanes) of rank micro-batch j."""
+        lo = self.first_lane() + (j % self.groups) * self.per_batch
+        return j // self.groups, range(lo, lo + self.per_batch)
+
+    def group_of(self, lane: int) -> int:
+        return (lane - self.first_lane()) // self.per_batch
+
+
+def lane_layout(lanes: int, world_size: int, rank: int = 0, per_batch: int = 1) -> LaneLayout:
+    """A checked `LaneLayout`; ValueError naming the world sizes that work."""
+    if lanes < 1 or world_size < 1:
+        raise ValueError(f"lanes and world_size must be >= 1, got {lanes} and {world_size}")
+    if lanes % world_size:
+        raise ValueError(
+            f"world size {world_size} does not divide the run's {lanes} data lanes; world sizes that keep "
+            f"the run's order and global batch: {', '.join(map(str, valid_world_sizes(lanes)))}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    m = lanes // world_size
+    if per_batch < 1 or m % per_batch:
+        raise ValueError(f"lanes per micro-batch {per_batch} must divide the {m} lanes of each rank")
+    return LaneLayout(lanes=lanes, world_size=world_size, rank=rank, per_batch=per_batch)
+
+
+def lane_pairs(layout: LaneLayout, plan_worker: int, num_workers: int) -> list[tuple[int, int]]:
+    """(lane, lane plan worker) pairs that rank plan worker `plan_worker` reads, in lane order.
+
+    Micro-batch j goes to plan worker j % nw and takes lane batch i = j // g from lane plan
+    worker i % nw; over i = cw (mod nw) that is the constant (cw*g + group) % nw, so each pair
+    belongs to exactly one plan worker of the rank.
+    """
+    nw, g = max(1, num_workers), layout.groups
+    first = layout.first_lane()
+    return [(k, cw) for k in range(first, first + layout.per_rank) for cw in range(nw)
+            if (cw * g + layout.group_of(k)) % nw == plan_worker]
+
+
+def lane_consumed(layout: LaneLayout, lane: int, lane_worker: int, start_batch: int, num_workers: int) -> int:
+    """How many of the pair's lane batches lie before rank micro-batch `start_batch`."""
+    g, group = layout.groups, layout.group_of(lane)
+    before = max(0, -(-(start_batch - group) // g))  # lane batch indices i with i*g + group < start
+    return consumed_batches(before, lane_worker, num_workers)
+
+
+def lane_worker_batches(layout: LaneLayout, plan_worker: int, num_workers: int, start_batch: int,
+                        total_batches: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """(micro-batch j, lane batch index i, its (lane, lane worker) pairs) for each micro-batch
+    plan worker `plan_worker` yields from rank micro-batch `start_batch` on."""
+    nw = max(1, num_workers)
+    first = start_batch + (plan_worker - start_batch) % nw
+    out = []
+    for j in range(first, total_batches, nw):
+        i, lanes = layout.lanes_of(j)
+        out.append((j, i, [(k, i % nw) for k in lanes]))
+    return out
+
+
+def layout_rank_batches(
+    counts: Sequence[int] | np.ndarray,
+    layout: LaneLayout,
+    *,
+    num_workers: int,
+    lane_batch: int,
+    epoch: int,
+    seed: int,
+    shuffle: bool = True,
+    shuffle_buffer: int = 1000,
+) -> list[np.ndarray]:
+    """Every micro-batch of one rank of a lane layout, in order: [b, 2] (shard, sample) each."""
+    per_lane = {
+        k: rank_batches(counts, rank=k, world_size=layout.lanes, num_workers=num_workers, batch_size=lane_batch,
+                        epoch=epoch, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
+        for k in range(layout.first_lane(), layout.first_lane() + layout.per_rank)
+    }
+    k_c = len(next(iter(per_lane.values())))
+    out = []
+    for j in range(k_c * layout.groups):
+        i, lanes = layout.lanes_of(j)
+        out.append(np.concatenate([per_lane[k][i] for k in lanes]))
+    return out

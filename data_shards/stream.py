@@ -12,30 +12,23 @@ RandAugment; default flip only) in the workers, keyed by (seed, epoch, shard, in
 and re-sharded reads see the same pixels; `train_transform=False` (evaluation, prior pass)
 ignores `augment` and never augments.
 
-Hand-off. Workers decode uint8 [b, S, S, 3] (already augmented) straight into reusable shared
-batch slots (`handoff.SlotPool`, read its docstring) and the main process normalises
-(`decode.normalize`) from the slot before yielding. Normalising in the worker would hand 4x the
-bytes across (a float32 batch of 32x224x224 is 19 MB). `output="uint8"` yields a copy of the
-uint8 batch, for a trainer that normalises on the GPU with `decode.normalize` (a quarter of
-the host-to-device bytes too). `pin_memory=True` (CUDA only) makes that copy into page-locked
-memory instead of a `.clone()`, which a `non_blocking` copy to the GPU needs to be asynchronous.
-`zero_copy=True` (uint8, unpinned) skips that copy: "image" is a view of the slot itself, valid
-until the consumer asks for the next batch (or the iteration ends), when the slot goes back to
-the workers; for a consumer that normalises or copies each batch before asking for the next
-(`trainer/prefetch.py` on CPU). A 64x224x224 batch is 9.6 MB of copy and fresh pages saved.
+Hand-off. Workers decode uint8 [b, S, S, 3] (already augmented) into reusable shared batch
+slots (`handoff.SlotPool`) and the main process normalises (`decode.normalize`) from the slot:
+normalising in the worker would hand 4x the bytes across. `output="uint8"` yields a copy of the
+uint8 batch, for a trainer that normalises on the GPU; `pin_memory=True` (CUDA only) makes
+that copy page-locked, for a `non_blocking` copy. `zero_copy=True` (uint8, unpinned) lends the
+slot itself, valid until the consumer asks for the next batch (`trainer/prefetch.py` on CPU):
+a 64x224x224 batch is 9.6 MB of copy and fresh pages saved.
 
-Workers. With `num_workers > 0` the DataLoader's workers are persistent (`persistent_workers`,
-default on): forked at the first iteration and reused by every later one, so an epoch does not
-pay for new processes, new S3 clients (~0.2 s each) and cold caches. The cursor reaches them
-through a shared-memory array created before the fork: the main process writes (epoch, first
-batch) and torch's reset makes each worker call `__iter__` again, which reads it. A consumer
-that stops mid-epoch leaves the workers alive; the next iteration's reset discards what they
-had prefetched (at most `prefetch_factor` batches each of wasted decoding). An error in a worker
-shuts them down, so the next iteration starts clean. `close()` stops them early; otherwise they
-stop with the stream.
+Workers. With `num_workers > 0` the DataLoader's workers are persistent (default): forked at
+the first iteration and reused, so an epoch pays for no new processes, S3 clients or cold
+caches. The cursor reaches them through shared memory made before the fork: the main process
+writes (epoch, first batch) and torch's reset makes each worker call `__iter__` again. A
+consumer that stops mid-epoch leaves them alive; the next reset discards their prefetch. An
+error in a worker shuts them down; `close()` stops them early.
 
-Reading. Each DataLoader worker streams the shards of its plan in order (`shard_reader.iter_shard`,
-read its docstring: fsspec, the standard tar stream reader, nothing ever unpickled).
+Reading. Each DataLoader worker streams the shards of its lanes' plans in order
+(`shard_reader.iter_shard`: fsspec, the standard tar stream reader, nothing ever unpickled).
 
 Resume cost. A worker restarting mid-epoch opens only the shard holding the first sample it
 still needs, streams (without keeping or decoding) that shard's prefix, then reads the current
@@ -44,11 +37,12 @@ a shard that is at most about two shards of reading per worker and zero wasted d
 replay of the epoch.
 
 The cursor counts batches handed out by the main-process iterator, not what workers prefetched:
-`state_dict()` == {"epoch", "batch", ...plan settings}. Ranks yield equal batch counts, so one
-rank's cursor is valid for all ranks. After the last batch of an epoch the cursor moves to
-(epoch + 1, 0), so iterating again (or `set_epoch(epoch + 1)`) starts the next epoch. Restoring
-a cursor mid-epoch with another world size, batch size, worker count, shuffle setting or seed
-raises `ResumeError` (the order would change); at an epoch boundary any change is allowed.
+`state_dict()` == {"epoch", "batch", "lane_index", ...plan settings}; one rank's is valid for all
+(equal batch counts). After an epoch's last batch it moves to (epoch + 1, 0). Lanes
+(`lanes`, `lanes_per_batch`; partition.py) make it rank-free: restored at another world size
+over the same lanes, it continues at lane batch "lane_index". Restoring mid-epoch with other
+lanes, lane batch size, worker count, shuffle setting or seed raises `ResumeError` (the order
+would change); at an epoch boundary any change is allowed.
 
 Corrupt data. Policy "skip" (default) drops a sample whose image does not decode, whose labels
 are not valid JSON or break the contract, whose members are missing, or which a truncated tar
@@ -80,7 +74,10 @@ from .format import Manifest, targets_from_sparse
 from .handoff import SlotPool
 from .partition import (
     WorkerPlan,
-    consumed_batches,
+    lane_consumed,
+    lane_layout,
+    lane_pairs,
+    lane_worker_batches,
     num_batches,
     plan_worker_for,
     worker_plan,
@@ -110,7 +107,9 @@ def loader_shared_bytes(num_workers: int, batch_size: int, image_size: int, num_
     return SlotPool.size(num_workers, prefetch_factor + SPARE_SLOTS, batch_size, image_size, num_classes)
 
 
-_PLAN_FIELDS = ("seed", "world_size", "batch_size", "num_workers", "shuffle", "shuffle_buffer", "samples", "shards")
+# What fixes the epoch's order at any world size (lanes), and what fixes it at this one.
+_LANE_FIELDS = ("seed", "lanes", "lane_batch", "num_workers", "shuffle", "shuffle_buffer", "samples", "shards")
+_PLAN_FIELDS = (*_LANE_FIELDS, "world_size", "batch_size")
 
 
 class CorruptSampleError(ValueError):
@@ -137,6 +136,12 @@ class _Config:
     shuffle_buffer: int
     corrupt: str
     max_member_bytes: int
+    lanes: int
+    per_batch: int  # lanes per micro-batch
+
+    @property
+    def lane_batch(self) -> int:
+        return self.batch_size // self.per_batch
 
 
 class _ShardDataset(IterableDataset):
@@ -163,12 +168,18 @@ class _ShardDataset(IterableDataset):
         self._worker = loader_worker
         assert loader_workers == max(1, c.num_workers), "DataLoader worker count differs from the plan"
         pw = plan_worker_for(loader_worker, start_batch, c.num_workers)
-        plan = worker_plan(
-            c.counts, rank=c.rank, world_size=c.world_size, worker=pw, num_workers=c.num_workers,
-            batch_size=c.batch_size, epoch=epoch, seed=c.seed, shuffle=c.shuffle,
-            shuffle_buffer=c.shuffle_buffer,
-        )
-        return self._run(plan, consumed_batches(start_batch, pw, c.num_workers), epoch)
+        layout = lane_layout(c.lanes, c.world_size, c.rank, c.per_batch)
+        lanes = {}  # (lane, lane plan worker) -> its lane batches (raw items), from the cursor on
+        for k, cw in lane_pairs(layout, pw, c.num_workers):
+            plan = worker_plan(
+                c.counts, rank=k, world_size=c.lanes, worker=cw, num_workers=c.num_workers,
+                batch_size=c.lane_batch, epoch=epoch, seed=c.seed, shuffle=c.shuffle,
+                shuffle_buffer=c.shuffle_buffer,
+            )
+            lanes[(k, cw)] = self._run(plan, lane_consumed(layout, k, cw, start_batch, c.num_workers))
+        total = num_batches(sum(c.counts), c.lanes, c.lane_batch) * layout.groups
+        for j, _, pairs in lane_worker_batches(layout, pw, c.num_workers, start_batch, total):
+            yield self._assemble([item for pair in pairs for item in next(lanes[pair])], j, epoch)
 
     def _positions(self, plan: WorkerPlan, first: int) -> Iterator[tuple[int, int, int, RawSample]]:
         """(worker position, shard, sample index, raw) from position `first` on."""
@@ -190,7 +201,8 @@ class _ShardDataset(IterableDataset):
             raise CorruptSampleError(message)
         log.warning("%s; only the listed samples are read", message)
 
-    def _run(self, plan: WorkerPlan, consumed: int, epoch: int) -> Iterator[dict[str, Any]]:
+    def _run(self, plan: WorkerPlan, consumed: int) -> Iterator[list[tuple[int, int, RawSample]]]:
+        """The raw items of each of a lane plan worker's batches, from batch `consumed` on."""
         if consumed >= len(plan.batch_sizes):
             return
         s = int(plan.batch_sizes[:consumed].sum())
@@ -209,7 +221,7 @@ class _ShardDataset(IterableDataset):
                 if needed[p]:
                     buf[p] = (shard, idx, raw)
                 read_upto = p + 1
-            yield self._assemble([buf.pop(p) for p in todo[offsets[t] : offsets[t + 1]].tolist()], bid, epoch)
+            yield [buf.pop(p) for p in todo[offsets[t] : offsets[t + 1]].tolist()]
 
     def _assemble(self, items: list[tuple[int, int, RawSample]], batch_id: int, epoch: int) -> dict[str, Any]:
         c = self.cfg
@@ -309,6 +321,8 @@ class ShardStream:
         persistent_workers: bool = True,
         pin_memory: bool = False,
         zero_copy: bool = False,
+        lanes: int | None = None,
+        lanes_per_batch: int = 1,
     ):
         if corrupt not in ("skip", "fail"):
             raise ValueError(f"corrupt policy {corrupt!r}: use 'skip' or 'fail'")
@@ -331,13 +345,18 @@ class ShardStream:
         self.manifest = manifest if manifest is not None else read_manifest(root)
         info = self.manifest.split(split)
         counts = tuple(s.samples for s in info.shards)
-        self._num_batches = num_batches(sum(counts), world_size, batch_size)
+        lanes = world_size if lanes is None else lanes
+        layout = lane_layout(lanes, world_size, rank, lanes_per_batch)  # ValueError naming the sizes that work
+        if batch_size % lanes_per_batch:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of lanes_per_batch {lanes_per_batch}")
+        self._num_batches = num_batches(sum(counts), lanes, batch_size // lanes_per_batch) * layout.groups
+        self._groups = layout.groups
         self._cfg = _Config(
             urls=tuple(join(root, *s.path.split("/")) for s in info.shards), counts=counts,
             num_classes=self.manifest.num_classes, batch_size=batch_size, image_size=image_size,
             rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, shuffle=shuffle,
             train_transform=train_transform, shuffle_buffer=shuffle_buffer, corrupt=corrupt,
-            max_member_bytes=max_member_bytes,
+            max_member_bytes=max_member_bytes, lanes=lanes, per_batch=lanes_per_batch,
         )
         self._dataset = _ShardDataset(self._cfg)
         if train_transform:  # built here, before the fork: workers inherit it (and timm's import)
@@ -376,12 +395,16 @@ class ShardStream:
         return {
             "seed": c.seed, "world_size": c.world_size, "batch_size": c.batch_size,
             "num_workers": max(1, c.num_workers), "shuffle": c.shuffle, "shuffle_buffer": c.shuffle_buffer,
-            "samples": sum(c.counts), "shards": len(c.counts),
+            "samples": sum(c.counts), "shards": len(c.counts), "lanes": c.lanes, "lane_batch": c.lane_batch,
         }
 
     def state_dict(self) -> dict[str, Any]:
+        # "lane_index": the lane batches every lane has handed out, the rank-free cursor (None
+        # inside a lane batch index, which only happens between the micro-steps of one step)
+        index = self._batch // self._groups if self._batch % self._groups == 0 else None
         return {"version": 1, "split": self.split, "epoch": self._epoch, "batch": self._batch,
-                "rank": self._cfg.rank, "corrupt": self.corrupt_samples, **self._plan_settings()}
+                "lane_index": index, "rank": self._cfg.rank, "corrupt": self.corrupt_samples,
+                **self._plan_settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
@@ -392,7 +415,14 @@ class ShardStream:
             raise ResumeError(f"stream state has negative epoch/batch: {epoch}/{batch}")
         if batch > 0:
             mine = self._plan_settings()
-            diff = [f"{k} {state.get(k)!r} -> {mine[k]!r}" for k in _PLAN_FIELDS if state.get(k) != mine[k]]
+            # a cursor from before lanes: its plan had one lane per rank
+            old = {"lanes": state.get("world_size"), "lane_batch": state.get("batch_size"), **state}
+            diff = [f"{k} {old.get(k)!r} -> {mine[k]!r}" for k in _LANE_FIELDS if old.get(k) != mine[k]]
+            if not diff and any(old.get(k) != mine[k] for k in _PLAN_FIELDS):  # another world size, same lanes
+                if old.get("lane_index") is None:
+                    diff = [f"batch {batch} is inside a lane batch (world size {old.get('world_size')})"]
+                else:
+                    batch = int(old["lane_index"]) * self._groups
             if diff:
                 raise ResumeError(
                     f"cannot resume mid-epoch (epoch {epoch}, batch {batch}): {', '.join(diff)} changes the "

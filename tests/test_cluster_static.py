@@ -550,7 +550,7 @@ def test_rayjob_sizes_and_names_agree():
         workers = spec["rayClusterSpec"]["workerGroupSpecs"]
         assert len(workers) == 1
         w = workers[0]
-        assert w["replicas"] == w["minReplicas"] == w["maxReplicas"], f"{where}: Ray Train needs a fixed worker count"
+        assert w["minReplicas"] <= w["replicas"] == w["maxReplicas"], f"{where}: replicas within min..max"
         res = _containers(w["template"])[0]["resources"]
         gpus = int(res["limits"]["nvidia.com/gpu"])
         assert res["requests"].get("nvidia.com/gpu", res["limits"]["nvidia.com/gpu"]) == res["limits"]["nvidia.com/gpu"]
@@ -559,6 +559,10 @@ def test_rayjob_sizes_and_names_agree():
             f"{where}: {w['replicas']} pods x {gpus} GPUs != cluster.workers={cfg.cluster.workers}")
         if build in OVERLAY_GPUS:
             assert cfg.cluster.workers == OVERLAY_GPUS[build], where
+        # an elastic group (Ray Train between min_workers and workers) on nodes KubeRay may lose
+        lo = cfg.cluster.min_workers or cfg.cluster.workers
+        assert w["minReplicas"] * gpus == lo, f"{where}: minReplicas x GPUs != cluster.min_workers={lo}"
+        assert (cfg.data.lanes or cfg.cluster.workers) % lo == 0, f"{where}: min_workers must divide data.lanes"
         assert float(res["limits"]["cpu"]) >= gpus * cfg.cluster.cpus_per_worker, f"{where}: too few CPUs per pod"
         pod = w["template"]["spec"]
         assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])

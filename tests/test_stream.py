@@ -333,3 +333,33 @@ def test_zero_copy_lends_the_slot_until_the_next_batch(ds):
     for bad in (dict(output="float"), dict(output="uint8", pin_memory=True)):
         with pytest.raises(ValueError, match="zero_copy|pin_memory"):
             ShardStream(ds, "train", batch_size=4, image_size=8, zero_copy=True, **bad)
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+def test_a_cursor_resumes_at_another_world_size_over_the_same_lanes(ds, nw):
+    """4 ranks read 2 micro-batches each; 2 ranks (and 1, with 2 lanes per micro-batch) go on
+    from that cursor: every sample exactly once, each in the batch the pure plan names."""
+    from data_shards.partition import lane_layout, layout_rank_batches
+
+    kw = dict(image_size=8, num_workers=nw, seed=4, shuffle_buffer=3, lanes=4)
+    first = []
+    for r in range(4):
+        s = ShardStream(ds, "train", batch_size=2, rank=r, world_size=4, **kw)
+        it = iter(s)
+        first += [next(it) for _ in range(2)]
+        state = s.state_dict()
+    assert state["lane_index"] == 2
+    for ws, q in ((2, 1), (1, 2), (1, 4)):
+        rest = []
+        for r in range(ws):
+            s = ShardStream(ds, "train", batch_size=2 * q, rank=r, world_size=ws, lanes_per_batch=q, **kw)
+            s.load_state_dict(state)
+            got = list(s)
+            plan = layout_rank_batches([7, 7, 7, 7, 7, 5], lane_layout(4, ws, r, q), num_workers=nw, lane_batch=2,
+                                       epoch=0, seed=4, shuffle_buffer=3)
+            skip = 2 * (4 // ws // q)
+            assert [np.stack([b["shard"], b["index"]], 1).tolist() for b in got] == [p.tolist() for p in plan[skip:]]
+            rest += got
+        assert sorted(k for b in first + rest for k in b["key"]) == [r.key for r in records(40)]
+    with pytest.raises(ValueError, match="world sizes that keep the run's order and global batch: 1, 2, 4"):
+        ShardStream(ds, "train", batch_size=2, world_size=3, **kw)

@@ -9,7 +9,8 @@ i.e. once every rank reported) and checkpoint folders `checkpoint_{step:08d}/`:
 | `ds/...` | every rank (DeepSpeed: module + per-rank optimizer state) | resume only | 12 fp32, 14 bf16 |
 | `ema.safetensors` | rank 0, fp32, when `train.ema_decay > 0`: the EMA, stored once | resume, readers | 4 |
 | `model.safetensors` | rank 0, fp32 masters consolidated from the ZeRO partitions: when there is no EMA, and in the run's final checkpoint | readers | 4 |
-| `csl_state.json` | rank 0: step, stream cursor, world size, running-prior sums, classes, config, `final` | all | - |
+| `portable.safetensors` | rank 0, when resized or `checkpoint.portable`: fp32 masters, buffers, optimizer state by parameter name | resume at another world size | 12 with Adam |
+| `csl_state.json` | rank 0: step, stream cursor, world size, run geometry, running-prior sums, classes, config, `final` | all | - |
 | `running_prior.csv` | rank 0: the reference code's running prior (comparison only) | prior pass | - |
 
 So a checkpoint is 18 bytes per parameter in bf16 training (14 + one 4-byte weights file),
@@ -24,6 +25,14 @@ the prior pass and export use by default (`--weights auto`), and the raw fp32 ma
 already in DeepSpeed's optimizer files for resume; a second copy would cost 4 bytes per
 parameter at every save and a gather of every ZeRO partition. The final checkpoint keeps them
 for `--weights model` (comparing raw and EMA, as the reference code does), consolidated once.
+
+Why `portable.safetensors` rather than DeepSpeed's universal checkpoint: under ZeRO 1-3 the
+`ds/` files are cut by rank, and another world size needs the state re-cut. The universal
+conversion reads and writes every file with `torch.load(weights_only=False)` (the run folder
+may be a shared bucket: we load nothing that way) and has no path for ZeRO-0's plain optimizer.
+Ours gathers the state by parameter name with DeepSpeed's `safe_get_full_*` API (every stage
+and precision) in a job at the old size, and loads it with `safe_set_full_*` at the new one;
+safetensors holds no code. `elastic.py` says when it is written and what it costs.
 
 Why DeepSpeed's folder is written locally, then reported: `save_checkpoint` is collective and
 writes per-rank files; `ray.train.report(checkpoint=...)` uploads every rank's files into one
@@ -46,6 +55,7 @@ __all__ = [
     "DS_TAG",
     "EMA_FILE",
     "MODEL_FILE",
+    "PORTABLE_FILE",
     "RUNNING_PRIOR_FILE",
     "SNAPSHOT",
     "STATE_FILE",
@@ -56,6 +66,10 @@ __all__ = [
     "latest_checkpoint",
     "read_state",
     "read_weights",
+    "portable_weights",
+    "read_portable",
+    "restore_portable",
+    "save_portable",
     "resolve_checkpoint",
     "save_checkpoint",
     "restore_checkpoint",
@@ -65,6 +79,7 @@ __all__ = [
 STATE_FILE = "csl_state.json"
 EMA_FILE = "ema.safetensors"
 MODEL_FILE = "model.safetensors"
+PORTABLE_FILE = "portable.safetensors"
 RUNNING_PRIOR_FILE = "running_prior.csv"
 DS_TAG = "ds"
 SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -176,3 +191,39 @@ def write_weights_checkpoint(folder: str, state_dict: dict[str, Any], config: di
         write_bytes_atomic(join(folder, EMA_FILE), save({k: v.detach().contiguous() for k, v in ema_state_dict.items()}))
     write_bytes_atomic(join(folder, STATE_FILE), json.dumps(state).encode())
     return folder
+
+
+def save_portable(engine: Any, local_dir: str, rank: int) -> None:
+    """Collective: the world-size-free training state (`Engine.portable_state`); rank 0 writes it."""
+    tensors, meta = engine.portable_state()
+    if rank != 0:
+        return
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.path.join(local_dir, PORTABLE_FILE), metadata={"csl_portable": json.dumps(meta)})
+
+
+def read_portable(local_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) of a local checkpoint's `portable.safetensors`."""
+    from safetensors import safe_open
+
+    if not os.path.exists(os.path.join(local_dir, PORTABLE_FILE)):
+        raise FileNotFoundError(f"checkpoint {local_dir} has no {PORTABLE_FILE}: its ZeRO state is cut for the world "
+                                "size that wrote it; resume with `csl train` (which converts it) or at that size")
+    with safe_open(os.path.join(local_dir, PORTABLE_FILE), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["csl_portable"])
+
+
+def portable_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module state dict inside a portable state: load it before `setup_engine`."""
+    return {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(("master/", "buffer/"))}
+
+
+def restore_portable(engine: Any, local_dir: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Collective: the portable state and the EMA into `engine` (at any world size); returns
+    `csl_state.json`."""
+    engine.load_portable_state(tensors, meta)
+    ema = os.path.join(local_dir, EMA_FILE)
+    if engine.ema_module() is not None and os.path.exists(ema):
+        engine.load_ema(ema)
+    return read_state(local_dir)

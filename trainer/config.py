@@ -167,6 +167,8 @@ class DataConfig(_Section):
     image_size: StrictInt = Field(64, ge=8)
     workers: StrictInt = Field(2, ge=0, description="DataLoader worker processes per training worker")
     shuffle_buffer: StrictInt = Field(1000, ge=1, description="samples held for streaming shuffle")
+    lanes: StrictInt = Field(0, ge=0, description="canonical ranks of the epoch's order (partition.py): the run "
+                             "can continue at any world size dividing it; 0: cluster.workers")
     corrupt: Literal["skip", "fail"] = "skip"
     train_split: str = "train"
     val_split: str = "val"
@@ -249,6 +251,9 @@ class CheckpointConfig(_Section):
     every_minutes: _Float = Field(0.0, ge=0, description="also when this many minutes passed since the last "
                                   "checkpoint, by rank 0's clock at log steps (whichever comes first; 0: off)")
     keep: StrictInt = Field(2, ge=1)  # Ray's CheckpointConfig.num_to_keep >= 1
+    portable: bool = Field(False, description="also write the state by parameter name (portable.safetensors, 12 "
+                           "bytes/parameter with Adam), so Ray can resize the group without a conversion; on "
+                           "whenever cluster.min_workers < cluster.workers at ZeRO >= 1")
 
 
 class RunConfig(_Section):
@@ -263,6 +268,15 @@ class ClusterConfig(_Section):
     gpus_per_worker: Annotated[_Float, AfterValidator(_ray_quantity)] = Field(0.0, ge=0)
     cpus_per_worker: _Float = Field(1.0, ge=1e-4)
     max_failures: StrictInt = Field(1, ge=-1, description="-1: retry forever (Ray's convention)")
+    min_workers: StrictInt | None = Field(None, ge=1, description="elastic group: Ray Train runs between "
+                                          "min_workers and workers and restarts at the size it can get "
+                                          "(each a divisor of data.lanes); None: fixed at workers")
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "ClusterConfig":
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"cluster.min_workers={self.min_workers} exceeds cluster.workers={self.workers}")
+        return self
 
 
 class DeepSpeedConfig(_Section):

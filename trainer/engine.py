@@ -5,17 +5,13 @@ Design notes:
 - The worker loop sees a small ``Engine`` (forward, backward, step, lr, save, load,
   consolidated_state_dict, EMA), never a ``DeepSpeedEngine``: the rest of the project stays
   testable without DeepSpeed and a change of engine touches one file.
-- We hand DeepSpeed our own torch optimizer (Adam/AdamW/SGD over ``param_groups``: no
-  weight decay on biases and norms) and our own per-step LR schedule (OneCycle, or none for
-  a constant LR), so the DeepSpeed config has no optimizer/scheduler sections and the
-  optimisation is the reference's whatever the ZeRO stage. ``zero_allow_untested_optimizer``
-  is on because SGD is not on DeepSpeed's list; ZeRO only shards its state.
+- We hand DeepSpeed our own optimizer and per-step LR schedule (``trainer/optim.py``), so
+  its config has no optimizer/scheduler sections; ``zero_allow_untested_optimizer`` is on
+  because SGD is not on DeepSpeed's list; ZeRO only shards its state.
 - The process group comes from Ray Train (gloo on CPU, NCCL on GPU); ``ensure_process_group``
   only creates a single-process gloo group when there is none (unit tests, a bare script).
-- ``model.channels_last`` makes activations NHWC (``channels_last_activations``), never the
-  weights, so it holds at every ZeRO stage and precision: ZeRO-1/2/3 and DeepSpeed's bf16/fp16
-  optimizers keep parameters as contiguous views of flat buffers, which a layout change of the
-  weights would cut loose.
+- ``model.channels_last`` makes activations NHWC (``models.channels_last_activations``),
+  never the weights: ZeRO and the bf16/fp16 optimizers keep parameters as views of flat buffers.
 - What DeepSpeed 0.19.8 does on the CPU accelerator (measured here, gloo, 1 and 2 ranks):
   ZeRO 0, 1, 2 and 3 train; bf16 works for every stage once buffers are cast too
   (``data_types.buffer_dtype``: 0.19 casts only parameters, and BatchNorm refuses bf16
@@ -35,6 +31,9 @@ Design notes:
   with ``weights_only=True`` and an allow-list of four DeepSpeed types. Its direct
   ``torch.load`` calls (universal checkpoints, ZeRO-3 weights without optimizer state) are
   off our path: the first is refused, the second never asked for.
+- Another world size (``trainer/elastic.py``): ZeRO 1-3 cut the state by rank, so
+  ``portable_state`` gathers it by parameter name (DeepSpeed's ``safe_get_full_*``) and
+  ``load_portable_state`` puts it back at any size (``safe_set_full_*``), safetensors only.
 """
 
 from __future__ import annotations
@@ -53,7 +52,8 @@ from torch import nn
 
 from trainer.config import Config, ConfigError
 from trainer.ema import ModelEMA, named_tensors
-from trainer.models import param_groups
+from trainer.models import channels_last_activations
+from trainer.optim import build_optimizer, build_schedule, state_keys
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -67,11 +67,17 @@ _EMA_KEY = "_csl_ema"
 _CLIENT_KEY = "_csl_client"  # DeepSpeed returns its own keys beside ours: keep ours apart
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run (no optimizer/scheduler sections: we pass ours)."""
+def deepspeed_config(cfg: Config, world_size: int, micro_batch: int | None = None,
+                     grad_accum: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (no optimizer/scheduler sections: we pass ours).
+
+    `micro_batch`/`grad_accum` override the config's at another world size than the run's
+    (`elastic.fit`), so that the global batch stays the run's.
+    """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
+    micro = micro_batch or cfg.data.batch_size
+    accum = grad_accum or cfg.train.grad_accum
     ds: dict[str, Any] = {
         "train_batch_size": micro * accum * world_size,
         "train_micro_batch_size_per_gpu": micro,
@@ -184,45 +190,13 @@ class _SafeLoads:
         return safe_torch_load(path, map_location)
 
 
-def _nhwc_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
-        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
-    return None  # already NHWC: the usual case after the first convolution
-
-
-def channels_last_activations(model: nn.Module) -> nn.Module:
-    """Every ``Conv2d`` of ``model`` takes its input NHWC (channels_last); weights stay as they are.
-
-    Convolutions (oneDNN, cuDNN) run NHWC when input or weight is channels_last, and their
-    output keeps it through norms and activations, so the pre-hook converts at the stem or
-    after a block that reshapes into a fresh NCHW tensor (TResNet's space-to-depth). Each
-    convolution reorders its weight (and gradient): small next to the activations. In place.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            m.register_forward_pre_hook(_nhwc_input)
-    return model
-
-
-def _build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
-    if not groups:
-        raise ValueError("the model has no trainable parameters")
-    if o.name == "adam":
-        # Adam's L2-style decay on the decay group only, as the reference does.
-        return torch.optim.Adam(groups, lr=o.lr)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
-
-
-def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: int) -> Engine:
+def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: int, *,
+                 micro_batch: int | None = None, grad_accum: int | None = None) -> Engine:
     """Optimizer, LR schedule and DeepSpeed around ``model`` (collective: every rank calls it).
 
     ``total_steps`` is the number of optimizer steps of the whole run (after gradient
-    accumulation); OneCycle refuses to step past it.
+    accumulation); OneCycle refuses to step past it. ``micro_batch``/``grad_accum``: see
+    ``deepspeed_config``.
     """
     import deepspeed  # noqa: PLC0415
 
@@ -237,21 +211,11 @@ def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: in
 
     # Built before initialize: the model is still full-size fp32 here, even under ZeRO-3 + bf16.
     ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_warmup_steps) if cfg.train.ema_decay > 0 else None
-    optimizer = _build_optimizer(model, cfg)
-    scheduler = None
-    schedule = cfg.optim.schedule
-    if schedule == "onecycle" and cfg.optim.pct_start * total_steps <= 1.0:
-        # OneCycle's warm-up phase would have no length (torch divides by zero): a smoke run
-        # this short has no schedule to speak of, so it runs at the peak LR.
-        log.warning("total_steps=%d too short for OneCycle with pct_start=%s: constant LR",
-                    total_steps, cfg.optim.pct_start)
-        schedule = "constant"
-    if schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.optim.lr, total_steps=total_steps, pct_start=cfg.optim.pct_start
-        )
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_schedule(optimizer, cfg.optim, total_steps)
     ds_engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size, micro_batch, grad_accum),
     )
     if ema is not None:
         ema.to(ds_engine.device)
@@ -259,14 +223,16 @@ def setup_engine(model: nn.Module, cfg: Config, world_size: int, total_steps: in
         channels_last_activations(ds_engine.module)
         if ema is not None:
             channels_last_activations(ema.module)
-    return Engine(ds_engine, ema)
+    return Engine(ds_engine, ema, state_keys(cfg.optim))
 
 
 class Engine:
     """The loop's view of DeepSpeed: one object per rank."""
 
-    def __init__(self, ds_engine: DeepSpeedEngine, ema: ModelEMA | None = None) -> None:
+    def __init__(self, ds_engine: DeepSpeedEngine, ema: ModelEMA | None = None,
+                 optim_keys: tuple[str, ...] = ()) -> None:
         self._ds = ds_engine
+        self.optim_keys = optim_keys
         self.ema = ema
         self.zero_stage = ds_engine.zero_optimization_stage()
         self.dtype = next(ds_engine.module.parameters()).dtype  # what forward casts inputs to
@@ -494,3 +460,100 @@ class Engine:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 return p.detach().float().clone()
         return p
+
+    # -- world-size-free state (resume at another world size) -------------------------
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        opt = self._ds.optimizer  # ZeRO 1-3 and the low-precision wrappers hold torch's inside
+        return getattr(opt, "optimizer", opt)
+
+    def _partitioned(self, p: torch.Tensor) -> bool:
+        return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+    def _link_state(self) -> None:
+        # ZeRO 1-2 give each parameter views of its optimizer state lazily, once; a state made
+        # (or replaced) since needs them made again
+        opt = self._ds.optimizer
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+    def portable_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, meta): every rank's share of the training state in a layout that no world
+        size is written into. Collective under ZeRO 1-3 (each tensor is assembled from the
+        partitions); every rank gets it, rank 0 writes it (``checkpoint.save_portable``).
+
+        Tensors: ``master/<param>`` fp32 master weights, ``buffer/<name>`` fp32 buffers,
+        ``<key>/<param>`` the optimizer's per-parameter state (``optim.STATE_KEYS``). Meta
+        (plain JSON): the optimizer's step, its param-group hyperparameters (OneCycle moves lr
+        and the betas), the scheduler's state and DeepSpeed's step counters.
+        """
+        from deepspeed.utils import safe_get_full_optimizer_state  # noqa: PLC0415
+
+        base, masters = self._base_optimizer(), self._stage0_masters()
+        self._link_state()
+        names = dict(self.module.named_parameters())
+        out = {f"master/{k}": v for k, v in self.consolidated_state_dict().items() if k in names}
+        out |= {f"buffer/{n}": (b.detach().float() if b.is_floating_point() else b.detach()).cpu().clone()
+                for n, b in self.module.named_buffers()}
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            for key in self.optim_keys:
+                if self._partitioned(p):
+                    t = safe_get_full_optimizer_state(p, key)  # collective
+                else:
+                    t = base.state[masters.get(id(p), p)][key]
+                out[f"{key}/{name}"] = t.detach().float().cpu().reshape(p.shape if not hasattr(p, "ds_shape")
+                                                                         else p.ds_shape).contiguous()
+        steps = [float(st["step"]) for st in base.state.values() if "step" in st]
+        sched = self._ds.lr_scheduler
+        meta = {"optim_step": steps[0] if steps else float(self.global_step),
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups],
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "global_steps": self._ds.global_steps, "global_samples": self._ds.global_samples,
+                "skipped_steps": self._ds.skipped_steps}
+        return out, meta
+
+    @torch.no_grad()
+    def load_portable_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Collective: the state ``portable_state`` wrote, into this engine at any world size.
+
+        The module's weights and buffers must already hold ``master/`` and ``buffer/`` (load
+        them before ``setup_engine``: DeepSpeed partitions and casts what it is given). This
+        sets the fp32 masters exactly (under bf16 they were made from bf16 copies), creates the
+        optimizer state where no step has yet (torch creates it lazily, DeepSpeed's ZeRO views
+        link to it) and fills it, then the hyperparameters, scheduler and step counters.
+        """
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # noqa: PLC0415
+
+        base, masters = self._base_optimizer(), self._stage0_masters()
+        flat = getattr(self._ds.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3 steps these
+        for hp in flat if flat is not None else [p for g in base.param_groups for p in g["params"]]:
+            st = base.state[hp]
+            st.setdefault("step", torch.zeros((), dtype=torch.float32))
+            for key in self.optim_keys:
+                st.setdefault(key, torch.zeros_like(hp, memory_format=torch.preserve_format))
+            st["step"].fill_(meta["optim_step"])
+        self._link_state()
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            master = tensors[f"master/{name}"].to(self.device)
+            if self._partitioned(p):
+                safe_set_full_fp32_param(p, master)
+            elif id(p) in masters:
+                masters[id(p)].copy_(master.view_as(masters[id(p)]))
+            for key in self.optim_keys:
+                value = tensors[f"{key}/{name}"].to(self.device)
+                if self._partitioned(p):
+                    safe_set_full_optimizer_state(p, value, key)
+                else:
+                    base.state[masters.get(id(p), p)][key].copy_(value.view_as(p))
+        for group, saved in zip(base.param_groups, meta["param_groups"]):
+            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        if self._ds.lr_scheduler is not None and meta.get("scheduler") is not None:
+            self._ds.lr_scheduler.load_state_dict(meta["scheduler"])
+        self._ds.global_steps = int(meta["global_steps"])
+        self._ds.global_samples = int(meta["global_samples"])
+        self._ds.skipped_steps = int(meta["skipped_steps"])

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from data_shards.format import MANIFEST_NAME
-from data_shards.partition import num_batches
+from data_shards.partition import num_batches, valid_world_sizes
 from data_shards.storage import exists, get_fs, is_remote, join, read_manifest, redact
 
 from .checkpoint import latest_checkpoint, read_state, weights_file
@@ -48,7 +48,7 @@ def _storage_for_ray(run_storage: str) -> tuple[str, Any]:
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, geometry: Any = None) -> None:
     """Fail fast, before any worker starts, on what the config alone cannot know.
 
     The data root, its splits and the prior file exist; every rank gets the same number of
@@ -61,13 +61,11 @@ def check_inputs(cfg: Config) -> None:
     manifest = read_manifest(cfg.data.root)  # names the path when missing
     workers, batch_size, accum = cfg.cluster.workers, cfg.data.batch_size, cfg.train.grad_accum
     root = redact(cfg.data.root)
-    g = geometry_of(cfg)  # ConfigError on data.lanes
+    g = geometry or geometry_of(cfg)  # a resumed run's geometry is its checkpoint's; ConfigError on data.lanes
     lo = cfg.cluster.min_workers or workers
-    odd = [w for w in range(lo, workers + 1) if g.lanes % w]
-    if odd:
-        raise ConfigError(f"config key 'cluster.min_workers': Ray may run the group at {odd}, which do not divide "
-                          f"the run's {g.lanes} data lanes (data.lanes); pick min_workers..workers within the "
-                          f"divisors of data.lanes")
+    if g.lanes % lo:
+        raise ConfigError(f"config key 'cluster.min_workers': {lo} does not divide the run's {g.lanes} data lanes "
+                          f"(data.lanes); sizes that do: {', '.join(map(str, valid_world_sizes(g.lanes)))}")
     for split in (cfg.data.train_split, cfg.data.val_split):
         samples = sum(s.samples for s in manifest.split(split).shards)
         # the train split is cut into lanes (the same at every world size), val into ranks
@@ -254,15 +252,16 @@ def launch(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     from .console import DriverConsole, driver_log, failure_summary, quiet_ray_logging
     from .elastic import convert_checkpoint, geometry_from_state, geometry_of, needs_conversion
 
-    check_inputs(cfg)
     run_dir = run_dir_of(cfg)
     resume_from = latest_checkpoint(run_dir)
-    start_step = 0
-    geometry = geometry_of(cfg)
-    if resume_from:
+    start_step, state, geometry = 0, {}, None
+    if resume_from:  # the run's geometry is its checkpoint's: sizes are checked against it
         check_resumable(cfg, resume_from)
         state = read_state(resume_from)
         start_step, geometry = int(state["step"]), geometry_from_state(state)
+    check_inputs(cfg, geometry)
+    geometry = geometry or geometry_of(cfg)
+    if resume_from:
         old, new = int(state["world_size"]), cfg.cluster.workers
         size = f" at {new} workers (written by {old})" if old != new else ""
         print(f"resuming run {cfg.run.name!r} from {resume_from} (step {start_step}){size}", flush=True)

@@ -48,7 +48,8 @@ import torch
 
 from data_shards.storage import get_fs, is_remote, join, read_manifest, write_bytes_atomic
 
-from .checkpoint import RUNNING_PRIOR_FILE, checkpoint_name, restore_checkpoint, save_checkpoint
+from .checkpoint import (RUNNING_PRIOR_FILE, checkpoint_name, portable_weights, read_portable, read_state,
+                         restore_checkpoint, restore_portable, save_checkpoint, save_portable)
 from .config import Config, DebugConfig
 from .priors import RunningPrior, write_priors
 
@@ -223,6 +224,9 @@ class _Run:
     epoch: int
     fault: Callable[[int], None]
     record_keys: Callable[[int, int, list[str]], None]
+    geometry: Any = None  # elastic.Geometry: saved in every checkpoint
+    loss_scale: float = 1.0  # elastic.Shape.loss_scale, for a sum-reduced loss at another per-worker batch
+    portable: bool = False  # also write portable.safetensors (elastic groups)
     # between log steps: the loss stays a device tensor until a log step reads it
     loss_sum: torch.Tensor = field(init=False)
     loss_count: int = 0
@@ -249,6 +253,8 @@ def train_step(run: _Run, batch: dict[str, Any]) -> bool:
     extra = {"pseudo": engine.ema_predict(x)} if run.cfg.loss.name == "pseudo" else {}
     logits = engine.forward(x)
     loss = run.loss_fn(logits, target, **extra)
+    if run.loss_scale != 1.0:
+        loss = loss * run.loss_scale
     run.running.update(logits.detach().sigmoid())
     engine.backward(loss)
     stepped = engine.step()
@@ -314,12 +320,15 @@ def _checkpoint(run: _Run, metrics: dict[str, Any], final: bool = False) -> None
             if total.count:
                 write_priors(os.path.join(local, RUNNING_PRIOR_FILE), run.manifest, total.value().cpu().numpy())
             state = {"step": run.step, "stream": run.loader.state_dict(), "world_size": run.world_size,
+                     "geometry": run.geometry.to_dict(),
                      "running_prior": {"acc": total.acc.tolist(), "count": total.count},
                      "classes": [c.model_dump() for c in run.manifest.classes],
                      "config": run.cfg.model_dump(mode="json")}
             assert run.log is not None
             run.log.flush()
         save_checkpoint(run.engine, local, run.rank, state, final=final)  # collective
+        if run.portable:
+            save_portable(run.engine, local, run.rank)  # collective
         run.hooks.report({**metrics, "step": run.step, "epoch": run.epoch}, local, checkpoint_name(run.step))
     finally:
         shutil.rmtree(local, ignore_errors=True)
@@ -339,11 +348,14 @@ def _end_epoch(run: _Run, val_loader: Any, done: bool) -> dict[str, Any]:
     return result
 
 
-def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: Hooks) -> dict[str, Any]:
+def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: Hooks,
+                 geometry: dict[str, int] | None = None) -> dict[str, Any]:
     """Train (or resume) one rank of the run; returns the last validation metrics ({} when the
-    run had already finished)."""
+    run had already finished). `geometry` (`elastic.Geometry`, as a dict): the run's, fixed at its
+    start; None: the config's (a new run at its own size)."""
     from data_shards.stream import ShardStream
 
+    from .elastic import Geometry, fit, geometry_of
     from .engine import setup_engine
     from .losses import build_loss
     from .models import build_model
@@ -354,16 +366,19 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
     manifest = read_manifest(cfg.data.root)
     num_classes = manifest.num_classes
 
+    g = Geometry(**geometry) if geometry else geometry_of(cfg)
+    shape = fit(g, world_size)  # the per-worker batch and accumulation that keep the run's global batch
     # uint8 batches: page-locked where bound for a GPU (DeepSpeed takes one when present), else
     # lent straight from the shared slot, since normalising on the CPU is the one copy needed
     cuda = torch.cuda.is_available()
-    common = dict(batch_size=cfg.data.batch_size, image_size=cfg.data.image_size, rank=rank,
+    common = dict(batch_size=shape.batch_size, image_size=cfg.data.image_size, rank=rank,
                   world_size=world_size, seed=cfg.train.seed, corrupt=cfg.data.corrupt, manifest=manifest,
                   num_workers=cfg.data.workers, output="uint8", pin_memory=cuda, zero_copy=not cuda)
     stream = ShardStream(cfg.data.root, cfg.data.train_split, shuffle=True, train_transform=True,
-                         augment=cfg.data.augment.spec(), shuffle_buffer=cfg.data.shuffle_buffer, **common)
+                         augment=cfg.data.augment.spec(), shuffle_buffer=cfg.data.shuffle_buffer, lanes=g.lanes,
+                         lanes_per_batch=shape.lanes_per_batch, **common)
     val_stream = ShardStream(cfg.data.root, cfg.data.val_split, shuffle=False, train_transform=False, **common)
-    accum = cfg.train.grad_accum
+    accum = shape.grad_accum
     steps_per_epoch = len(stream) // accum
     if steps_per_epoch < 1:
         raise ValueError(f"{len(stream)} batches per epoch is fewer than train.grad_accum={accum}")
@@ -371,16 +386,24 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    engine = setup_engine(build_model(cfg.model, num_classes), cfg, world_size, total_steps)
-    loss_fn = build_loss(cfg.loss.name, prior=_load_prior(cfg, manifest), **cfg.loss.params()).to(engine.device)
-    # The public reference code's prior estimator (a mean of the training outputs), kept for
-    # comparison with the prior pass; per-rank sums, reduced only when a checkpoint is written.
-    running = RunningPrior(num_classes, device=engine.device)
-
+    model = build_model(cfg.model, num_classes)
     step = 0
     with hooks.restore_dir() as ckpt:
+        saved_ws = int(read_state(ckpt)["world_size"]) if ckpt is not None else g.world_size
+        portable = None
+        if ckpt is not None and saved_ws != world_size and cfg.deepspeed.zero_stage > 0:
+            # ZeRO state is cut by rank: the state by parameter name instead (elastic.py); the
+            # weights go in before DeepSpeed partitions and casts them
+            portable = read_portable(ckpt)
+            model.load_state_dict(portable_weights(portable[0]))
+        engine = setup_engine(model, cfg, world_size, total_steps, micro_batch=shape.batch_size,
+                              grad_accum=shape.grad_accum)
+        loss_fn = build_loss(cfg.loss.name, prior=_load_prior(cfg, manifest), **cfg.loss.params()).to(engine.device)
+        # The public reference code's prior estimator (a mean of the training outputs), kept for
+        # comparison with the prior pass; per-rank sums, reduced only when a checkpoint is written.
+        running = RunningPrior(num_classes, device=engine.device)
         if ckpt is not None:
-            state = restore_checkpoint(engine, ckpt)
+            state = restore_portable(engine, ckpt, *portable) if portable else restore_checkpoint(engine, ckpt)
             step = state["step"]
             stream.load_state_dict(state["stream"])
             if rank == 0 and state.get("running_prior"):  # the global sums; other ranks add theirs
@@ -388,6 +411,8 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                 running.load_state_dict({"acc": torch.tensor(rp["acc"]), "count": rp["count"], "weight": 0.0, "decay": None})
             if rank == 0:
                 print(f"[rank 0] resumed at step {step}: epoch {stream.epoch}, batch {state['stream']['batch']}", flush=True)
+    if rank == 0 and saved_ws != world_size:
+        print(f"[rank 0] {shape.describe(g, saved_ws)}", flush=True)
     if step >= total_steps:
         # The same command again after the run finished: nothing to train, and eval.json stays.
         if rank == 0:
@@ -400,7 +425,9 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                loader=DevicePrefetcher(stream, engine.device, channels_last=nhwc), manifest=manifest,
                running=running, total_steps=total_steps, log=_RunLog(run_dir, step) if rank == 0 else None,
                step=step, epoch=stream.epoch, fault=_fault_hook(cfg.debug, rank),
-               record_keys=_key_recorder(cfg.debug, rank))
+               record_keys=_key_recorder(cfg.debug, rank), geometry=g,
+               loss_scale=shape.loss_scale if getattr(loss_fn, "reduction", "sum") == "sum" else 1.0,
+               portable=cfg.checkpoint.portable or _elastic(cfg))
     val_loader = DevicePrefetcher(val_stream, engine.device, channels_last=nhwc)
     last_eval: dict[str, Any] = {}
     done = False
@@ -423,6 +450,12 @@ def run_training(cfg: Config, run_dir: str, rank: int, world_size: int, hooks: H
                            json.dumps({"step": run.step, "epoch": run.epoch, **last_eval}, indent=1).encode())
         run.log.close()
     return last_eval
+
+
+def _elastic(cfg: Config) -> bool:
+    """An elastic group at ZeRO >= 1: Ray restarts it at another size without asking the driver,
+    so its checkpoints carry the portable state from the start."""
+    return (cfg.cluster.min_workers or cfg.cluster.workers) < cfg.cluster.workers and cfg.deepspeed.zero_stage > 0
 
 
 def _validate(engine, val_loader, world_size: int) -> dict[str, Any]:
@@ -463,4 +496,4 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     from .console import progress_sink
 
     hooks = Hooks(report, restore_dir, progress_sink(payload.get("console")))
-    run_training(cfg, payload["run_dir"], ctx.get_world_rank(), ctx.get_world_size(), hooks)
+    run_training(cfg, payload["run_dir"], ctx.get_world_rank(), ctx.get_world_size(), hooks, payload.get("geometry"))

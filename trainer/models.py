@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 import fsspec
@@ -38,6 +39,7 @@ from trainer.config import ModelConfig
 
 __all__ = [
     "MODELS",
+    "channels_last_activations",
     "PretrainedReport",
     "SmallCNN",
     "TimmClassifier",
@@ -282,3 +284,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def _nhwc_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None  # already NHWC: the usual case after the first convolution
+
+
+def channels_last_activations(model: nn.Module) -> nn.Module:
+    """Every ``Conv2d`` of ``model`` takes its input NHWC (channels_last); weights stay as they are.
+
+    Convolutions (oneDNN, cuDNN) run NHWC when input or weight is channels_last, and their
+    output keeps it through norms and activations, so the pre-hook converts at the stem or
+    after a block that reshapes into a fresh NCHW tensor (TResNet's space-to-depth). Each
+    convolution reorders its weight (and gradient): small next to the activations. In place.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(_nhwc_input)
+    return model
