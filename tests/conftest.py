@@ -18,15 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_OPENIMAGES = REPO.parent / "shared" / "data" / "openimages"
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
     """Two lanes under `pytest -n 2 --dist loadgroup` (the Makefile's): every integration test
     in one lane, one at a time, because each sizes its local Ray cluster or gloo group for the
     machine's 2 CPUs; the unit tests in the other, a file at a time so module fixtures are
-    built once. Without xdist the marks do nothing."""
-    for item in items:
-        lane = "integration" if item.get_closest_marker("integration") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(lane))
+    built once. Marked as each item is collected, before any `pytest_collection_modifyitems`
+    (where xdist turns the marks into groups). Without xdist the marks do nothing."""
+    lane = "integration" if item.get_closest_marker("integration") else item.nodeid.split("::")[0]
+    item.add_marker(pytest.mark.xdist_group(lane))
 
 
 def free_port() -> int:
