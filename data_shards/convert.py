@@ -51,6 +51,7 @@ from .storage import get_fs, join, read_bytes, redact, remove, write_bytes_atomi
 from .writer import (
     EmptySplitError,
     ShardWriter,
+    carry_other_splits,
     check_split_name,
     current_manifest,
     stale_shards,
@@ -449,12 +450,7 @@ def _publish(root: str, classes: Sequence[ClassInfo], results: dict[str, tuple[S
     stats = {k: v[1] for k, v in results.items() if v[1].pos}
     truths = {k: v[2] for k, v in results.items() if v[2] is not None}
     if keep is not None:
-        for split in [s for s in keep.splits if s not in infos]:
-            infos[split] = keep.splits[split]
-            if split in keep.stats:
-                stats[split] = keep.stats[split]
-            if split in keep.truth:
-                truths[split] = keep.truth[split]
+        carry_other_splits(keep, infos, stats, truths)
     manifest = Manifest(classes=list(classes), splits=infos, stats=stats, truth=truths, meta=meta)
     write_manifest(root, manifest)  # one atomic replace, after every shard is published
     for split in results:

@@ -54,7 +54,7 @@ from .format import (
 )
 from .storage import exists, get_fs, is_remote, join, publish_file, read_manifest, remove, write_manifest
 
-__all__ = ["EmptySplitError", "ShardWriter", "write_dataset", "parallel_map", "shard_name", "check_split_name",
+__all__ = ["EmptySplitError", "carry_other_splits", "ShardWriter", "write_dataset", "parallel_map", "shard_name", "check_split_name",
            "stale_shards", "current_manifest", "without_split"]
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,18 @@ def stale_shards(root: str, split: str, keep: set[str]) -> list[str]:
     return out
 
 
+def carry_other_splits(keep: Manifest, infos: dict[str, SplitInfo], stats: dict[str, SplitStats],
+                       truths: dict[str, SplitTruth]) -> None:
+    """Add to a new manifest's parts every split of `keep` (the root's manifest) that is not
+    being written, with its stats and truth: converting one split never loses the others."""
+    for split in [s for s in keep.splits if s not in infos]:
+        infos[split] = keep.splits[split]
+        if split in keep.stats:
+            stats[split] = keep.stats[split]
+        if split in keep.truth:
+            truths[split] = keep.truth[split]
+
+
 def write_dataset(
     root: str,
     classes: Sequence[ClassInfo],
@@ -293,12 +305,7 @@ def write_dataset(
         if t is not None:
             truths[split] = t
     if keep is not None:
-        for split in [s for s in keep.splits if s not in infos]:
-            infos[split] = keep.splits[split]
-            if split in keep.stats:
-                stats[split] = keep.stats[split]
-            if split in keep.truth:
-                truths[split] = keep.truth[split]
+        carry_other_splits(keep, infos, stats, truths)
         meta = {**keep.meta, **(meta or {})}
     manifest = Manifest(classes=list(classes), splits=infos, stats=stats, truth=truths, meta=meta or {})
     write_manifest(root, manifest)
