@@ -61,7 +61,6 @@ __all__ = [
     "STATE_FILE",
     "checkpoint_name",
     "has_ema",
-    "weights_file",
     "weights_url",
     "latest_checkpoint",
     "read_state",
@@ -121,14 +120,13 @@ def has_ema(ckpt: str) -> bool:
     return exists(join(ckpt, EMA_FILE))
 
 
-def weights_file(ckpt: str) -> str:
-    """The URL of the weights a reader takes by default (`auto`): the EMA where there is one."""
-    return join(ckpt, EMA_FILE if has_ema(ckpt) else MODEL_FILE)
-
 
 def weights_url(ckpt: str, weights: str) -> str:
-    """The URL of a checkpoint's EMA ("ema") or raw fp32 ("model") weights; a missing one is
-    refused saying why (no EMA in the run, or raw weights kept only in the final checkpoint)."""
+    """The URL of a checkpoint's EMA ("ema"), raw fp32 ("model") or default ("auto": the EMA
+    where there is one) weights; a missing one is refused saying why (no EMA in the run, or raw
+    weights kept only in the final checkpoint)."""
+    if weights == "auto":
+        weights = "ema" if has_ema(ckpt) else "model"
     url = join(ckpt, {"ema": EMA_FILE, "model": MODEL_FILE}[weights])
     if exists(url):
         return url

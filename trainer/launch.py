@@ -27,7 +27,7 @@ from data_shards.format import MANIFEST_NAME
 from data_shards.partition import num_batches, valid_world_sizes
 from data_shards.storage import exists, get_fs, is_remote, join, read_manifest, redact
 
-from .checkpoint import latest_checkpoint, read_state, weights_file
+from .checkpoint import latest_checkpoint, read_state, weights_url
 from .config import Config, ConfigError
 from .preflight import check_nodes
 
@@ -138,7 +138,7 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
         raise ValueError(
             f"run {cfg.run.name!r}: resuming with changed settings ({'; '.join(changed)}); the checkpoint's LR "
             f"schedule, optimizer state and data order were built for the old ones. Resume with the same settings, or "
-            f"start a new run.name with model.pretrained={weights_file(checkpoint)}"
+            f"start a new run.name with model.pretrained={weights_url(checkpoint, 'auto')}"
         )
     from .elastic import fit, geometry_from_state
 
@@ -148,7 +148,7 @@ def check_resumable(cfg: Config, checkpoint: str) -> None:
     except ValueError as e:
         raise ValueError(
             f"run {cfg.run.name!r}: checkpoint {checkpoint} cannot continue with cluster.workers={cfg.cluster.workers}: "
-            f"{e}; or start a new run.name with model.pretrained={weights_file(checkpoint)} (weights only, fresh optimizer)"
+            f"{e}; or start a new run.name with model.pretrained={weights_url(checkpoint, 'auto')} (weights only, fresh optimizer)"
         ) from None
 
 

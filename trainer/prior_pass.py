@@ -351,11 +351,11 @@ def estimate_priors(checkpoint: str, data: str, out: str, *, split: str = "train
 
         started = ensure_ray()
         try:
-            from .preflight import check_nodes
+            from .preflight import alive_nodes, check_nodes
 
             check_nodes(read=[("--data", join(data, MANIFEST_NAME)), ("--checkpoint", join(ckpt, STATE_FILE))],
                         write=[("the records folder", folder)])
-            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            nodes = [n["Resources"] for n in alive_nodes()]
             plan = actor_plan(nodes, device=device, actors=actors, cpus_per_actor=cpus_per_actor,
                               gpus_per_actor=gpus_per_actor, workers=workers)
             plan = replace(plan, actors=min(plan.actors, len(todo)))  # never more actors than shards to score
