@@ -1,9 +1,9 @@
-"""The two-stage method as commands: `csl pipeline` (with resume) and `csl demo` at reduced size."""
+"""The two-stage method as commands: `csl demo` at reduced size, which runs `csl pipeline`'s chain
+(and its resume), plus the pipeline's one-line refusal of bad input."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 CSL = str(Path(sys.executable).with_name("csl"))
-SMALL = ["data.image_size=32", "data.batch_size=16", "data.workers=0", "train.log_every=2", "cluster.workers=2",
-         "checkpoint.every_steps=0", "deepspeed.zero_stage=0"]
 
 
 def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -21,37 +19,21 @@ def run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return p
 
 
-@pytest.mark.integration
-def test_pipeline_runs_three_stages_and_skips_them_when_rerun(tmp_path):
-    from data_shards.sources.synthetic import build_synthetic
-
-    data = str(tmp_path / "data")
-    build_synthetic(data, train=192, val=48, image_size=32, shard_samples=48, seed=3, progress=False)
-    args = ["pipeline", "--config", "synthetic-cpu", "--prior-actors", "2", *SMALL, f"data.root={data}",
-            "train.epochs=1", f"run.storage={tmp_path / 'runs'}", "run.name=pipe"]
-    run(*args)
-    root = tmp_path / "runs" / "pipe"
-    for stage in ("stage1-ignore", "stage3-selective"):
-        assert (root / stage / "eval.json").exists()
-    assert (root / "stage2-prior" / "priors.csv").read_text().startswith("class_id,name,prior\n")
-    cfg = (root / "stage3-selective" / "config.yaml").read_text()
-    assert "name: csl" in cfg and "stage2-prior/priors.csv" in cfg
-    summary = json.loads((root / "pipeline.json").read_text())
-    assert summary["prior"]["samples"] == 192
-
-    again = run(*args)
-    out = again.stdout
-    assert out.count("skipping") == 3, out
-    assert "training" not in out.replace("already finished", "")
+def test_pipeline_refuses_a_bad_config_key_in_one_line():
+    p = subprocess.run([CSL, "pipeline", "train.epocs=1"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "train.epocs" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 @pytest.mark.integration
 def test_demo_at_reduced_size(tmp_path):
+    """The demo is the pipeline plus a Negative baseline: one chain trained covers both, and the
+    rerun checks the pipeline's resume (every stage skipped, nothing retrained)."""
     out = tmp_path / "demo"
-    run("demo", "--out", str(out), "--train", "192", "--val", "48", "--image-size", "32", "--epochs", "1",
-        "data.batch_size=16", "data.workers=0", "checkpoint.every_steps=0", "deepspeed.zero_stage=0")
+    args = ["demo", "--out", str(out), "--train", "192", "--val", "48", "--image-size", "32", "--epochs", "1",
+            "data.batch_size=16", "data.workers=0", "checkpoint.every_steps=0", "deepspeed.zero_stage=0"]
+    run(*args)
     res = json.loads((out / "results.json").read_text())
-    assert set(res["modes"]) == {"ignore", "negative", "selective"}
+    assert list(res["modes"]) == ["ignore", "negative", "selective"]
     for mode in res["modes"].values():
         assert 0 <= mode["map_c"] <= 100 and 0 <= mode["map_o"] <= 100
     assert {"spearman_vs_truth", "spearman_counts_vs_truth", "spearman_negative_model_vs_truth"} <= set(res["prior"])
@@ -62,6 +44,23 @@ def test_demo_at_reduced_size(tmp_path):
     assert "Findings" in report and "Where the Ignore prior errs" in report
     for png in ("map_per_mode.png", "prior_vs_truth.png", "training_curves.png"):
         assert (out / png).stat().st_size > 1000, png
+
+    root = out / "runs"
+    for stage in ("stage1-ignore", "stage3-selective", "negative"):
+        assert (root / stage / "eval.json").exists(), stage
+    for prior in ("stage2-prior", "negative-prior"):
+        assert (root / prior / "priors.csv").read_text().startswith("class_id,name,prior\n"), prior
+    cfg = (root / "stage3-selective" / "config.yaml").read_text()
+    assert "name: csl" in cfg and "stage2-prior/priors.csv" in cfg
+    assert "name: negative" in (root / "negative" / "config.yaml").read_text()
+    summary = json.loads((root / "pipeline.json").read_text())
+    assert summary["prior"]["samples"] == 192 and summary["final_loss"] == "csl"
+
+    again = run(*args).stdout
+    assert again.count("[pipeline] stage ") == 3 and again.count("skipping") == 5, again
+    assert "training '" not in again and "starting run" not in again and "prior pass with" not in again, again
+    assert "Ray" not in again  # nothing to run: no cluster started
+    assert json.loads((out / "results.json").read_text())["modes"] == res["modes"]
 
 
 def test_prior_errors_follow_the_annotation_skew():

@@ -5,15 +5,22 @@ rarely annotated positive; objects usually; a few verified negatives per image) 
 annotated val split, so every mAP is measured against the truth. Then, through the local Ray
 cluster and DeepSpeed on CPU:
 
-1. the Ignore model (which is also the temporary model of the method) and its prior pass;
-2. the Negative model, and a prior pass with it (paper 1, Fig. 7: its estimate is biased
-   towards annotation counts);
-3. the Selective model (CSL) with the Ignore model's priors.
+1. the method's chain through `run_pipeline`: the Ignore model (the method's temporary
+   model), its prior pass, and the Selective model (CSL) with those priors;
+2. beside it, the Negative model and a prior pass with it (paper 1, Fig. 7: its estimate is
+   biased towards annotation counts), with the pipeline's own skip-or-run steps.
 
 Outputs in `--out`: results.json, report.md, and PNG figures (mAP per mode; estimated prior
 against the true frequency and annotation counts against it; training curves). Every figure
 in them is measured in this run: nothing is assumed to hold, and a finding that does not hold
-is reported as such.
+is reported as such. Beside them, `data/` (the synthetic shards) and `runs/`, the pipeline's
+run folder (see `pipeline.py`) with the baseline added:
+
+    runs/stage1-ignore/  runs/stage2-prior/priors.csv  runs/stage3-selective/  runs/pipeline.json
+    runs/negative/       runs/negative-prior/priors.csv
+
+Every stage is skipped when its output exists, so the same command again retrains nothing and
+only rebuilds the results, the report and the figures.
 """
 
 from __future__ import annotations
@@ -27,31 +34,22 @@ import numpy as np
 
 from data_shards.storage import read_manifest
 
-from .config import Config, load_config
+from .config import load_config
 from .checkpoint import RUNNING_PRIOR_FILE, resolve_checkpoint
 from .launch import ensure_ray, run_dir_of
 from .metrics import spearman
-from .pipeline import stage_config, training_done
+from .pipeline import STAGE1, STAGE2, STAGE3, prior_stage, run_pipeline, stage_config, train_stage
 
 __all__ = ["run_demo"]
 
-
-def _train(cfg: Config, verbose: bool) -> dict[str, Any]:
-    from .launch import launch
-
-    done = training_done(cfg)
-    if done is None:
-        launch(cfg, verbose)
-        done = training_done(cfg)
-    assert done is not None
-    return done
+NEGATIVE, NEGATIVE_PRIOR = "negative", "negative-prior"  # the baseline's folders beside the pipeline's stages
 
 
-def _running_mean(cfg: Config, manifest, truth: np.ndarray) -> dict[str, float]:
+def _running_mean(run_dir: str, manifest, truth: np.ndarray) -> dict[str, float]:
     """The reference code's estimator: the mean of the Ignore model's training outputs."""
     from .priors import read_priors
 
-    path = os.path.join(resolve_checkpoint(run_dir_of(cfg)), RUNNING_PRIOR_FILE)
+    path = os.path.join(resolve_checkpoint(run_dir), RUNNING_PRIOR_FILE)
     if not os.path.exists(path):
         return {}
     return {"spearman_running_mean_vs_truth": round(spearman(read_priors(path, manifest), truth), 4)}
@@ -181,44 +179,42 @@ def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image
 
     from data_shards.sources.synthetic import build_synthetic
 
-    from .prior_pass import estimate_priors
-
     t0 = time.time()
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     data = os.path.join(out, "data")
-    base = load_config("synthetic-cpu", [f"data.root={data}", f"data.image_size={image_size}", f"train.epochs={epochs}",
-                                         f"train.seed={seed}", f"cluster.workers={workers}", *(overrides or [])])
-    runs = os.path.join(out, "runs")
-    started_ray = ensure_ray(verbose)  # one cluster for all stages, the data's shard tasks included
+    loaded = load_config("synthetic-cpu", [f"data.root={data}", f"data.image_size={image_size}",
+                                           f"train.epochs={epochs}", f"train.seed={seed}",
+                                           f"cluster.workers={workers}", *(overrides or [])])
+    base = stage_config(loaded, out, "runs")  # the pipeline's run folder is out/runs, whatever run.* says
+    root = run_dir_of(base)
+    # One cluster for all stages, started by the first that needs it (a rerun with every stage
+    # done starts none) and stopped at the end if this call started it.
+    ray_was_up = ray.is_initialized()
     try:
         if not os.path.exists(os.path.join(data, "dataset.json")):
+            ensure_ray(verbose)  # the shards are drawn as Ray tasks
             build_synthetic(data, train=train, val=val, image_size=image_size, scheme="openimages", seed=seed,
                             shard_samples=500, workers=None)
         manifest = read_manifest(data)
-        cfgs = {"ignore": stage_config(base, runs, "ignore", loss_name="ignore", prior_path=None),
-                "negative": stage_config(base, runs, "negative", loss_name="negative", prior_path=None)}
-        evals = {k: _train(c, verbose) for k, c in cfgs.items()}
-        priors = {}
-        for k in ("ignore", "negative"):
-            csv = os.path.join(out, "priors", f"{k}.csv")
-            if os.path.exists(csv) and os.path.exists(csv[:-4] + ".json"):
-                with open(csv[:-4] + ".json") as f:
-                    priors[k] = json.load(f)
-            else:
-                priors[k] = estimate_priors(resolve_checkpoint(run_dir_of(cfgs[k])), data, split="train", out=csv)
-        cfgs["selective"] = stage_config(base, runs, "selective", loss_name="csl",
-                                         prior_path=os.path.join(out, "priors", "ignore.csv"))
-        evals["selective"] = _train(cfgs["selective"], verbose)
+        chain = run_pipeline(base, final_loss="csl", verbose=verbose)
+        negative = stage_config(base, root, NEGATIVE, loss_name="negative", prior_path=None)
+        negative_eval = train_stage(negative, "baseline", verbose)
+        prior_stage(negative, os.path.join(root, NEGATIVE_PRIOR, "priors.csv"), "baseline prior", verbose=verbose)
     finally:
-        if started_ray and ray.is_initialized():
+        if not ray_was_up and ray.is_initialized():
             ray.shutdown()
 
     from .priors import read_priors
 
+    evals = {"ignore": chain["ignore"], "negative": negative_eval, "selective": chain["final"]}
+    run_dirs = {"ignore": os.path.join(root, STAGE1), "negative": run_dir_of(negative),
+                "selective": os.path.join(root, STAGE3)}
+    prior_csvs = {"ignore": os.path.join(root, STAGE2, "priors.csv"),
+                  "negative": os.path.join(root, NEGATIVE_PRIOR, "priors.csv")}
     truth = np.asarray(manifest.truth["train"].freq)
     counts = np.asarray(manifest.stats["train"].pos) / manifest.split("train").samples
-    est = {k: read_priors(os.path.join(out, "priors", f"{k}.csv"), manifest) for k in ("ignore", "negative")}
+    est = {k: read_priors(csv, manifest) for k, csv in prior_csvs.items()}
     key = "ema_" if "ema_map_c" in evals["ignore"] else ""
     results: dict[str, Any] = {
         "modes": {k: {"map_c": round(e[f"{key}map_c"], 3), "map_o": round(e[f"{key}map_o"], 3),
@@ -227,7 +223,7 @@ def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image
         "prior": {"spearman_vs_truth": round(spearman(est["ignore"], truth), 4),
                   "spearman_counts_vs_truth": round(spearman(counts, truth), 4),
                   "spearman_negative_model_vs_truth": round(spearman(est["negative"], truth), 4),
-                  **_running_mean(cfgs["ignore"], manifest, truth),
+                  **_running_mean(run_dirs["ignore"], manifest, truth),
                   "ignore_errors": _prior_errors(est["ignore"], truth, np.asarray(manifest.stats["train"].pos, float),
                                                  np.asarray(manifest.stats["train"].neg, float),
                                                  [c.name for c in manifest.classes])},
@@ -238,7 +234,7 @@ def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image
                    "batch_size": base.data.batch_size, "seed": seed},
         "seconds": round(time.time() - t0, 1),
     }
-    curves = {k: _curves(run_dir_of(c)) for k, c in cfgs.items()}
+    curves = {k: _curves(d) for k, d in run_dirs.items()}
     figures = _figures(out, results, truth, counts, est, curves)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -19,13 +19,14 @@ leaves worker output to files unless `verbose`; `console.py` says how and why.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
 
 from data_shards.format import MANIFEST_NAME
 from data_shards.partition import num_batches, valid_world_sizes
-from data_shards.storage import exists, get_fs, is_remote, join, read_manifest, redact
+from data_shards.storage import exists, get_fs, is_remote, join, read_bytes, read_manifest, redact
 
 from .checkpoint import latest_checkpoint, read_state, weights_url
 from .config import Config, ConfigError
@@ -48,8 +49,9 @@ def _storage_for_ray(run_storage: str) -> tuple[str, Any]:
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def check_inputs(cfg: Config, geometry: Any = None) -> None:
-    """Fail fast, before any worker starts, on what the config alone cannot know.
+def check_inputs(cfg: Config, geometry: Any = None) -> Any:
+    """Fail fast, before any worker starts, on what the config alone cannot know; returns the
+    data's manifest.
 
     The data root, its splits and the prior file exist; every rank gets the same number of
     batches of each split (the stream's plan) and an epoch at least one optimizer step; the
@@ -96,6 +98,7 @@ def check_inputs(cfg: Config, geometry: Any = None) -> None:
     elif cfg.loss.name == "csl-soft":
         raise ValueError("loss 'csl-soft' needs prior.path (a priors CSV from `csl prior`)")
     build_loss(cfg.loss.name, prior=None, **cfg.loss.params())  # bad loss params: exit 2 now
+    return manifest
 
 
 # Settings a resumed run must share with its checkpoint: they fix the LR schedule (OneCycle is
@@ -250,7 +253,7 @@ def launch(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     from ray.train import TrainingFailedError  # imports Ray Data, which sets up its logger: quieted below
 
     from .console import DriverConsole, driver_log, failure_summary, quiet_ray_logging
-    from .elastic import convert_checkpoint, geometry_from_state, geometry_of, needs_conversion
+    from .elastic import convert_checkpoint, geometry_from_state, geometry_of, needs_conversion, total_steps
 
     run_dir = run_dir_of(cfg)
     resume_from = latest_checkpoint(run_dir)
@@ -259,8 +262,14 @@ def launch(cfg: Config, verbose: bool = False) -> dict[str, Any]:
         check_resumable(cfg, resume_from)
         state = read_state(resume_from)
         start_step, geometry = int(state["step"]), geometry_from_state(state)
-    check_inputs(cfg, geometry)
+    manifest = check_inputs(cfg, geometry)
     geometry = geometry or geometry_of(cfg)
+    if resume_from and start_step >= total_steps(cfg, geometry, manifest.split(cfg.data.train_split).samples):
+        # The same command after the run finished (a rerun pipeline, a restarted job): nothing
+        # to train, so no cluster is joined and no worker started; eval.json stays as it was.
+        print(f"run {cfg.run.name!r} already finished at step {start_step}: nothing to do", flush=True)
+        eval_path = join(run_dir, "eval.json")
+        return json.loads(read_bytes(eval_path)) if exists(eval_path) else {}
     if resume_from:
         old, new = int(state["world_size"]), cfg.cluster.workers
         size = f" at {new} workers (written by {old})" if old != new else ""

@@ -15,7 +15,8 @@ One run folder, `{run.storage}/{run.name}`, holds the three stages:
 Each stage is skipped when its final artefact exists (a training run's eval.json is written
 after its last checkpoint; priors.csv is written atomically), and a stage that was cut short
 resumes from its latest complete checkpoint, so running the same command again after any
-failure does only the missing work.
+failure does only the missing work. `train_stage` and `prior_stage` are that skip-or-run step
+on their own, for a caller that trains more beside the chain (`csl demo`'s Negative baseline).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .config import Config
 from .checkpoint import resolve_checkpoint
 from .launch import ensure_ray, launch, run_dir_of
 
-__all__ = ["stage_config", "training_done", "prior_resources", "run_pipeline"]
+__all__ = ["STAGE1", "STAGE2", "STAGE3", "stage_config", "training_done", "train_stage", "prior_stage",
+           "prior_resources", "run_pipeline"]
 
 STAGE1, STAGE2, STAGE3 = "stage1-ignore", "stage2-prior", "stage3-selective"
 
@@ -52,7 +54,8 @@ def training_done(cfg: Config) -> dict[str, Any] | None:
     return json.loads(read_bytes(path)) if exists(path) else None
 
 
-def _train_stage(cfg: Config, label: str, verbose: bool = False) -> dict[str, Any]:
+def train_stage(cfg: Config, label: str, verbose: bool = False) -> dict[str, Any]:
+    """Train `cfg` unless its run has finished; its final eval either way."""
     done = training_done(cfg)
     if done is not None:
         print(f"[pipeline] {label}: already finished (step {done.get('step')}), skipping", flush=True)
@@ -76,31 +79,38 @@ def prior_resources(cfg: Config, actors: int | None = None) -> dict[str, Any]:
     return {"device": "cpu", "actors": actors}
 
 
+def prior_stage(model_cfg: Config, csv: str, label: str, *, actors: int | None = None,
+                verbose: bool = False) -> dict[str, Any]:
+    """The prior pass of `model_cfg`'s finished run over its training split, written to `csv`
+    (+ .json, .png beside it), unless both exist; the pass's summary (priors.json) either way."""
+    from .prior_pass import estimate_priors, output_paths
+
+    summary = output_paths(csv)[1]
+    if exists(csv) and exists(summary):
+        print(f"[pipeline] {label}: priors exist ({csv}), skipping", flush=True)
+        return json.loads(read_bytes(summary))
+    print(f"[pipeline] {label}: prior pass with the {model_cfg.loss.name.capitalize()} model", flush=True)
+    ckpt = resolve_checkpoint(run_dir_of(model_cfg))
+    ensure_ray(verbose)  # a no-op after a training stage ran here; else the pass would start a quiet one
+    return estimate_priors(ckpt, model_cfg.data.root, split=model_cfg.data.train_split, out=csv,
+                           **prior_resources(model_cfg, actors))
+
+
 def run_pipeline(cfg: Config, *, prior_actors: int | None = None, final_loss: str | None = None,
                  verbose: bool = False) -> dict[str, Any]:
     """Run (or finish) the three stages; returns a summary with each stage's results. `verbose`:
     Ray's worker output on the console too (see `console.py`)."""
-    from .prior_pass import estimate_priors
-
     t0 = time.time()
     root = run_dir_of(cfg)
     final_loss = final_loss or (cfg.loss.name if cfg.loss.name not in ("ignore",) else "csl")
     ignore_cfg = stage_config(cfg, root, STAGE1, loss_name="ignore", prior_path=None)
-    ignore_eval = _train_stage(ignore_cfg, "stage 1/3", verbose)
+    ignore_eval = train_stage(ignore_cfg, "stage 1/3", verbose)
 
     priors_csv = join(root, STAGE2, "priors.csv")
-    if exists(priors_csv) and exists(join(root, STAGE2, "priors.json")):
-        print(f"[pipeline] stage 2/3: priors exist ({priors_csv}), skipping", flush=True)
-        prior_info = json.loads(read_bytes(join(root, STAGE2, "priors.json")))
-    else:
-        print("[pipeline] stage 2/3: prior pass with the Ignore model", flush=True)
-        ckpt = resolve_checkpoint(run_dir_of(ignore_cfg))
-        ensure_ray(verbose)  # a no-op after stage 1 ran here; else the pass would start a quiet one
-        prior_info = estimate_priors(ckpt, cfg.data.root, split=cfg.data.train_split, out=priors_csv,
-                                     **prior_resources(cfg, prior_actors))
+    prior_info = prior_stage(ignore_cfg, priors_csv, "stage 2/3", actors=prior_actors, verbose=verbose)
 
     final_cfg = stage_config(cfg, root, STAGE3, loss_name=final_loss, prior_path=priors_csv)
-    final_eval = _train_stage(final_cfg, "stage 3/3", verbose)
+    final_eval = train_stage(final_cfg, "stage 3/3", verbose)
     summary = {"run_dir": root, "ignore": ignore_eval, "prior": {k: v for k, v in prior_info.items() if k != "top"},
                "final_loss": final_loss, "final": final_eval, "seconds": round(time.time() - t0, 1)}
     write_bytes_atomic(join(root, "pipeline.json"), json.dumps(summary, indent=1).encode())
