@@ -56,6 +56,23 @@ def _pids_naming(marker: str) -> list[int]:
     return pids
 
 
+def _pids_in_session(sid: int) -> list[int]:
+    """PIDs of live processes in session `sid` (a node's `ray start`, started in a session of
+    its own): its raylet and workers even after they renamed themselves `ray::...`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)": state ppid pgrp session ...
+        if len(fields) > 3 and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
 def shared_scratch() -> str:
     """A folder every node of a test cluster sees (on the repository's disk, not a private
     mount), for the harness's own files: node logs, recorded keys, fault markers. Never for
@@ -79,6 +96,16 @@ class Node:
     proc: subprocess.Popen
     temp_dir: str
     log: Path
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the node at once: those whose command line names its temp
+        dir and those in the session it was started in."""
+        for pid in {*_pids_naming(self.temp_dir), *_pids_in_session(self.proc.pid)}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         # Throwaway: SIGTERM to the whole session we created (only ours), a short grace, then
@@ -122,8 +149,55 @@ class Cluster:
     dashboard: str
     token: str
     env: dict[str, str]
+    node_env: dict[str, str]
     nodes: list[Node] = field(default_factory=list)
     logs_dir: str = ""
+
+    @property
+    def driver_env(self) -> dict[str, str]:
+        """What a driver process adds to its own environment to join this cluster."""
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def spawn(self, cmd: list[str], temp_dir: str, name: str) -> Node:
+        log = Path(self.logs_dir) / f"{name}.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.node_env, start_new_session=True)
+        node = Node(proc, temp_dir, log)
+        self.nodes.append(node)
+        return node
+
+    def add_node(self, cpus: int) -> Node:
+        """A node on 127.0.0.2 whose /tmp, /dev/shm and /var/tmp are its own (tmpfs mounts in a
+        private mount namespace); its temp dir is created there. Returns without waiting."""
+        node_tmp = f"/tmp/rn{secrets.token_hex(4)}"
+        mounts = " && ".join(f"mount -t tmpfs tmpfs {m}" for m in PRIVATE_MOUNTS)
+        cmd = [str(RAY), "start", "--block", f"--address={self.address}", "--node-ip-address=127.0.0.2",
+               f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={256 * 1024**2}", f"--temp-dir={node_tmp}",
+               "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats", *_common_ports()]
+        return self.spawn(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           f"{mounts} && mkdir -p {node_tmp} && exec \"$@\"", "sh", *cmd], node_tmp,
+                          f"node{len(self.nodes) + 1}")
+
+    def lose_node(self, node: Node) -> None:
+        """A machine lost: SIGKILL at once to every process of the node (its raylet, object
+        store, agents and workers), no shutdown of any kind."""
+        node.kill()
+        self.nodes.remove(node)
+
+    def wait_alive(self, want: int, timeout_s: float = 300.0) -> None:
+        deadline = time.time() + timeout_s
+        while True:
+            for node in self.nodes:
+                if node.proc.poll() is not None:
+                    raise RuntimeError(f"ray start exited with {node.proc.returncode}:\n"
+                                       f"{node.log.read_text(errors='replace')[-4000:]}")
+            alive = _alive_nodes(self)
+            if alive == want:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"{alive} of {want} Ray nodes alive after {timeout_s:.0f} s:\n"
+                                   + "\n".join(n.log.read_text(errors="replace")[-2000:] for n in self.nodes))
+            time.sleep(2)
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
@@ -151,10 +225,11 @@ def _common_ports() -> list[str]:
 
 
 def start_cluster(head_cpus: int, second_node_cpus: int = 0, env: dict[str, str] | None = None,
-                  timeout_s: float = 300.0) -> Cluster:
+                  timeout_s: float = 300.0, token: str | None = None) -> Cluster:
     """A head on 127.0.0.1 (with the dashboard), plus a second node on 127.0.0.2 in a private
-    mount namespace when `second_node_cpus` > 0; returns once every node is alive."""
-    token = secrets.token_hex(32)
+    mount namespace when `second_node_cpus` > 0; returns once every node is alive. `token`:
+    the cluster's auth token (default: a new random one)."""
+    token = token or secrets.token_hex(32)
     node_env = _node_env(env or {}, token)
     logs_dir = tempfile.mkdtemp(prefix="ray-logs-", dir=shared_scratch())
     head_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Unix socket paths live under it
@@ -165,41 +240,13 @@ def start_cluster(head_cpus: int, second_node_cpus: int = 0, env: dict[str, str]
                 "--max-worker-port=0", "--disable-usage-stats", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
                 f"--ray-client-server-port={free_port()}", *_common_ports()]
     cluster = Cluster(address=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}", token=token,
-                      env={**node_env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}, logs_dir=logs_dir)
-
-    def spawn(cmd: list[str], temp_dir: str, name: str) -> None:
-        log = Path(logs_dir) / f"{name}.log"
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=node_env, start_new_session=True)
-        cluster.nodes.append(Node(proc, temp_dir, log))
-
+                      env={**node_env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}, node_env=node_env, logs_dir=logs_dir)
     try:
-        spawn(head_cmd, head_tmp, "head")
-        want = 1
+        cluster.spawn(head_cmd, head_tmp, "head")
         if second_node_cpus:
-            # The node's temp dir lives on its private /tmp: created inside the namespace.
-            node_tmp = f"/tmp/rn{secrets.token_hex(4)}"
-            mounts = " && ".join(f"mount -t tmpfs tmpfs {m}" for m in PRIVATE_MOUNTS)
-            node_cmd = [str(RAY), "start", "--block", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.2",
-                        f"--num-cpus={second_node_cpus}", "--num-gpus=0", f"--object-store-memory={256 * 1024**2}",
-                        f"--temp-dir={node_tmp}", "--min-worker-port=0", "--max-worker-port=0",
-                        "--disable-usage-stats", *_common_ports()]
-            spawn(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                   f"{mounts} && mkdir -p {node_tmp} && exec \"$@\"", "sh", *node_cmd], node_tmp, "node2")
-            want = 2
-        deadline = time.time() + timeout_s
-        while True:
-            for node in cluster.nodes:
-                if node.proc.poll() is not None:
-                    raise RuntimeError(f"ray start exited with {node.proc.returncode}:\n"
-                                       f"{node.log.read_text(errors='replace')[-4000:]}")
-            alive = _alive_nodes(cluster)
-            if alive >= want:
-                return cluster
-            if time.time() > deadline:
-                raise RuntimeError(f"{alive} of {want} Ray nodes alive after {timeout_s:.0f} s:\n"
-                                   + "\n".join(n.log.read_text(errors="replace")[-2000:] for n in cluster.nodes))
-            time.sleep(2)
+            cluster.add_node(second_node_cpus)
+        cluster.wait_alive(len(cluster.nodes), timeout_s)
+        return cluster
     except BaseException:
         cluster.stop()
         raise

@@ -36,15 +36,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 class _SlowImages(SimpleHTTPRequestHandler):
     delay = 0.0
     status: dict[str, int] = {}
@@ -77,7 +68,7 @@ def http_folder(tmp_path):
     server.shutdown()
 
 
-def test_workers_give_identical_bytes_and_bad_images_are_named(ray_address, tmp_path, http_folder):
+def test_workers_give_identical_bytes_and_bad_images_are_named(ray_connected, tmp_path, http_folder):
     roots = {}
     for w in (0, 1, 2):
         roots[w] = tmp_path / f"syn{w}"
@@ -111,7 +102,7 @@ def test_workers_give_identical_bytes_and_bad_images_are_named(ray_address, tmp_
     assert not a["ok"] and a == b
 
 
-def test_sigkill_mid_conversion_then_rerun(ray_address, tmp_path, http_folder):
+def test_sigkill_mid_conversion_then_rerun(ray_connected, tmp_path, http_folder):
     host, folder, handler = http_folder
     train = [f"t{i}" for i in range(4)]
     val = [f"v{i:02d}" for i in range(48)]
@@ -127,7 +118,7 @@ def test_sigkill_mid_conversion_then_rerun(ray_address, tmp_path, http_folder):
     train_manifest = (root / "dataset.json").read_bytes()
 
     handler.delay = 0.25  # each shard task waits on its images: the kill lands mid-way
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_connected}
     cmd = [sys.executable, "-m", "trainer.cli", "shards", "openimages", "--labels", v_csv, "--classes", classes,
            "--images", template, "--out", str(root), "--split", "val", "--shard-samples", "4", "--workers", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

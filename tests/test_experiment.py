@@ -22,8 +22,8 @@ TINY = ["--schemes", "rpa:0.5", "--losses", "ignore,csl-P", "--seeds", "0", "--t
         "checkpoint.every_steps=0", "deepspeed.zero_stage=0"]
 
 
-def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    p = subprocess.run([CSL, *args], capture_output=True, text=True, timeout=timeout)
+def run(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run([CSL, *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
 
@@ -53,9 +53,9 @@ def test_summary_and_findings_are_computed_from_the_numbers():
 
 
 @pytest.mark.integration
-def test_tiny_grid_writes_tables_and_resumes_without_retraining(tmp_path):
+def test_tiny_grid_writes_tables_and_resumes_without_retraining(tmp_path, ray_env):
     out = tmp_path / "exp"
-    first = run("experiment", "--out", str(out), *TINY)
+    first = run("experiment", "--out", str(out), *TINY, env=ray_env)  # joins the session's Ray head
     assert "run 2/2" in first.stdout and str(out / "experiment.md") in first.stdout
     res = json.loads((out / "experiment.json").read_text())
     assert res["finished"] == res["planned"] == 2
@@ -77,7 +77,7 @@ def test_tiny_grid_writes_tables_and_resumes_without_retraining(tmp_path):
     assert "## Findings" in md and "favours Ignore over Negative: not measured" in md
 
     t0 = time.time()
-    again = run("experiment", "--out", str(out), *TINY)
+    again = run("experiment", "--out", str(out), *TINY, env=ray_env)
     assert again.stdout.count("skipping") == 3, again.stdout  # 2 runs + 1 prior pass
     assert "training '" not in again.stdout and "starting run" not in again.stdout
     assert time.time() - t0 < 60

@@ -347,17 +347,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny, tmp_path):
 # the Ray pass
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 @pytest.mark.integration
-def test_prior_pass_two_actors_equals_single_process_mean(tiny, ray_cluster):
+def test_prior_pass_two_actors_equals_single_process_mean(tiny, ray_connected):
     from trainer.prior_pass import estimate_priors
 
     m = tiny["manifest"]
@@ -403,7 +394,7 @@ def _wide_dataset(root: str, num_classes: int, sizes: dict[str, int]) -> Manifes
 
 
 @pytest.mark.integration
-def test_driver_memory_does_not_grow_with_samples(tmp_path, ray_cluster):
+def test_driver_memory_does_not_grow_with_samples(tmp_path, ray_connected):
     root = str(tmp_path / "wide")
     m = _wide_dataset(root, 4000, {"small": 2000, "train": 8000})
     cfg, model, _ = _models(m.num_classes, 16)
@@ -414,7 +405,7 @@ def test_driver_memory_does_not_grow_with_samples(tmp_path, ray_cluster):
         # A fresh driver process per size (ru_maxrss is a peak), on the fixture's cluster.
         p = subprocess.run([CSL, "prior", "--checkpoint", ckpt, "--data", root, "--split", split, "--out", str(out),
                             "--actors", "2", "--no-progress"], capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "RAY_ADDRESS": ray_cluster})
+                           env={**os.environ, "RAY_ADDRESS": ray_connected})
         assert p.returncode == 0, p.stderr[-3000:]
         assert f"{m.split(split).samples} samples scored of {m.split(split).samples} in the manifest" in p.stdout
         summary = json.loads(out.with_suffix(".json").read_text())
@@ -446,7 +437,7 @@ def _records(folder: str) -> list[str]:
 
 
 @pytest.mark.integration
-def test_prior_pass_killed_midway_resumes_with_the_same_priors(twelve, ray_cluster):
+def test_prior_pass_killed_midway_resumes_with_the_same_priors(twelve, ray_connected):
     from trainer.prior_pass import estimate_priors
 
     m, base = twelve["manifest"], twelve["base"]
@@ -460,7 +451,7 @@ def test_prior_pass_killed_midway_resumes_with_the_same_priors(twelve, ray_clust
     p = subprocess.Popen([CSL, "prior", "--checkpoint", twelve["ckpt"], "--data", twelve["root"], "--out", out,
                           "--actors", "1", "--batch-size", "1", "--no-progress"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "RAY_ADDRESS": ray_cluster})
+                         env={**os.environ, "RAY_ADDRESS": ray_connected})
     deadline = time.monotonic() + 240
     try:
         while len(_records(folder)) < 2:
@@ -483,7 +474,7 @@ def test_prior_pass_killed_midway_resumes_with_the_same_priors(twelve, ray_clust
 
 
 @pytest.mark.integration
-def test_a_shard_that_never_reads_is_named_and_the_others_are_kept(tiny, ray_cluster, tmp_path):
+def test_a_shard_that_never_reads_is_named_and_the_others_are_kept(tiny, ray_connected, tmp_path):
     from trainer.prior_pass import estimate_priors
 
     m = tiny["manifest"]
@@ -509,7 +500,7 @@ def test_a_shard_that_never_reads_is_named_and_the_others_are_kept(tiny, ray_clu
 
 
 @pytest.mark.integration
-def test_stale_records_are_refused_and_fresh_discards_them(tiny, ray_cluster, tmp_path):
+def test_stale_records_are_refused_and_fresh_discards_them(tiny, ray_connected, tmp_path):
     """Records of a pass with the EMA weights of checkpoint A (shard 0 done, written as an actor
     would) must not be folded into a pass with other weights, another checkpoint, or A rewritten."""
     from trainer.prior_pass import estimate_priors

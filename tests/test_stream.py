@@ -100,16 +100,8 @@ def test_plain_webdataset_reads_the_shards(ds):
     assert all(got[k]["pos"] == want[k].pos and got[k]["neg"] == want[k].neg for k in want)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.integration
-def test_ray_data_reads_the_shards(ds, ray_local):
+def test_ray_data_reads_the_shards(ds, ray_connected):
     import ray.data
 
     rows = ray.data.read_webdataset(f"{ds}/train", decoder=None).take_all()

@@ -1,15 +1,18 @@
 """`csl train` for real: a local Ray cluster (2 CPU workers), DeepSpeed on gloo, tiny data.
 
-Each run is a `csl` subprocess that starts (and, at exit, stops) its own local Ray, exactly as
-a user's command would. Failures are injected with `debug.fault_step` (a worker SIGKILLs itself
-after a given step, once) and samples are traced with `debug.record_keys`: config overrides
-that reach the workers with the rest of the config.
+Each run is a `csl` subprocess. The smoke test's starts (and, at exit, stops) its own local
+Ray, exactly as a user's command on one machine would; the others join the session's Ray head
+through RAY_ADDRESS (`conftest.ray_head`), as a submitted job's driver joins a cluster.
+Failures are injected with `debug.fault_step` (a worker SIGKILLs itself after a given step,
+once) and samples are traced with `debug.record_keys`: config overrides that reach the workers
+with the rest of the config.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -83,12 +86,10 @@ def test_smoke_train_export_eval_predict(data_root, tmp_path, openimages_dir):
     assert "rank 1 (pid" in (run / "logs" / "rank1.log").read_text()
     assert (run / "config.yaml").exists()
     eval_before = (run / "eval.json").read_text()
-    again = ok(csl("train", "--verbose", "--config", "synthetic-cpu", *BASE, f"data.root={data_root}",
-                   "train.max_steps=6", "checkpoint.every_steps=3", f"run.storage={tmp_path}", "run.name=smoke",
-                   "deepspeed.zero_stage=2"))
-    assert "already finished at step 6" in again.stdout
-    assert "(RayTrainWorker pid=" in again.stdout + again.stderr  # --verbose: Ray's worker stream is back
-    assert (run / "eval.json").read_text() == eval_before
+    again = ok(csl("train", "--config", "synthetic-cpu", *BASE, f"data.root={data_root}", "train.max_steps=6",
+                   "checkpoint.every_steps=3", f"run.storage={tmp_path}", "run.name=smoke", "deepspeed.zero_stage=2"))
+    assert "already finished at step 6" in again.stdout and "logs: " not in again.stdout  # no cluster started
+    assert (run / "eval.json").read_text() == eval_before and json.loads(again.stdout.splitlines()[-1]) == json.loads(eval_before)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "epoch", "loss", "lr", "samples_per_s"} <= set(lines[0])
     ev = json.loads((run / "eval.json").read_text())
@@ -136,24 +137,35 @@ def _common(data_root, storage, zero: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def straight(data_root, tmp_path_factory) -> Path:
+def straight(data_root, tmp_path_factory, ray_head) -> Path:
     """The uninterrupted 2-worker run (ZeRO 3) the resumed runs are compared with."""
     storage = tmp_path_factory.mktemp("straight")
-    ok(csl("train", *_common(data_root, storage, 3), "run.name=straight", f"debug.record_keys={storage / 'keys_a'}"))
+    ok(csl("train", *_common(data_root, storage, 3), "run.name=straight", f"debug.record_keys={storage / 'keys_a'}",
+           env=ray_head.driver_env))
+    return storage
+
+
+@pytest.fixture(scope="module")
+def killed(data_root, tmp_path_factory, ray_head) -> Path:
+    """The same run at ZeRO 2, its rank 0 SIGKILLed at step 6 (after the step-4 checkpoint) with
+    no failures allowed: the command exits 1. Each test resumes its own copy of the folder
+    (Ray's checkpoint bookkeeping names checkpoints relative to the run folder)."""
+    storage = tmp_path_factory.mktemp("killed")
+    fault = ["debug.fault_step=6", "debug.fault_rank=0", f"debug.fault_marker={storage / 'fired'}"]
+    p = csl("train", *_common(data_root, storage, 2), "run.name=killed", "cluster.max_failures=0",
+            f"debug.record_keys={storage / 'keys'}", *fault, env=ray_head.driver_env)
+    assert p.returncode == 1 and (storage / "fired").exists(), p.stderr[-3000:]
+    assert latest_ckpt(storage / "killed").name == "checkpoint_00000004"
     return storage
 
 
 @pytest.mark.integration
-def test_exact_resume_after_kill(data_root, straight, tmp_path):
-    common = _common(data_root, tmp_path, 3)
-
-    record_b = f"debug.record_keys={tmp_path / 'keys_b'}"
-    fault = ["debug.fault_step=6", "debug.fault_rank=0", f"debug.fault_marker={tmp_path / 'fired'}"]
-    p = csl("train", *common, "run.name=killed", "cluster.max_failures=0", record_b, *fault)
-    assert p.returncode == 1 and (tmp_path / "fired").exists(), p.stderr[-3000:]
-    assert latest_ckpt(tmp_path / "killed").name == "checkpoint_00000004"
-    p = ok(csl("train", *common, "run.name=killed", "cluster.max_failures=0", record_b))
+def test_exact_resume_after_kill(data_root, straight, killed, tmp_path, ray_env):
+    shutil.copytree(killed, tmp_path, dirs_exist_ok=True)
+    p = ok(csl("train", "--verbose", *_common(data_root, tmp_path, 2), "run.name=killed", "cluster.max_failures=0",
+               f"debug.record_keys={tmp_path / 'keys'}", env=ray_env))
     assert "resuming run 'killed' from" in p.stdout
+    assert "(RayTrainWorker pid=" in p.stdout + p.stderr  # --verbose: Ray's worker stream is on the console
 
     a, b = latest_ckpt(straight / "straight"), latest_ckpt(tmp_path / "killed")
     assert a.name == b.name
@@ -164,7 +176,7 @@ def test_exact_resume_after_kill(data_root, straight, tmp_path):
         assert diff <= 1e-5, f"{f}: max abs difference {diff}"
 
     all_keys = None
-    for keys in (_keys_per_epoch(straight / "keys_a", None), _keys_per_epoch(tmp_path / "keys_b", 4)):
+    for keys in (_keys_per_epoch(straight / "keys_a", None), _keys_per_epoch(tmp_path / "keys", 4)):
         assert sorted(keys) == [0, 1]
         for epoch, counts in keys.items():
             assert set(counts.values()) == {1}, f"epoch {epoch}: some sample seen twice"
@@ -179,45 +191,44 @@ def _assert_each_sample_once_per_epoch(keys: dict[int, Counter]) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("zero", [0, 2])
-def test_resume_at_another_world_size(data_root, straight, tmp_path, zero):
+def test_resume_at_another_world_size(data_root, straight, killed, tmp_path, ray_env):
     """Killed after the step-4 checkpoint at 2 workers, resumed by the same command with
-    cluster.workers=1: each rank's lane is now a micro-step of one worker (grad_accum 2), so the
+    cluster.workers=1: ZeRO 2's state is cut by rank, so the driver first converts it to the
+    world-size-free layout (at ZeRO 0, DeepSpeed's own file loads at any size:
+    `test_engine.test_two_ranks_save_load_per_rank_state[0]`). Each rank's lane is now a
+    micro-step of one worker (grad_accum 2), so the
     run takes the uninterrupted run's steps over the same samples per step. The parameters
     come out equal (within 1e-5: (g1 + g2) / 2 is what two ranks average, and halving is exact
     in floating point), BatchNorm's running statistics do not: one worker folds the two
     micro-batches in turn where two ranks averaged theirs. Evaluation uses those statistics,
     so the validation mAP (64 images) may move: within 3 points of the uninterrupted run's."""
-    common = _common(data_root, tmp_path, zero)
-    record = f"debug.record_keys={tmp_path / 'keys'}"
-    fault = ["debug.fault_step=6", "debug.fault_rank=0", f"debug.fault_marker={tmp_path / 'fired'}"]
-    p = csl("train", *common, "run.name=resized", "cluster.max_failures=0", record, *fault)
-    assert p.returncode == 1 and latest_ckpt(tmp_path / "resized").name == "checkpoint_00000004", p.stderr[-3000:]
-    p = ok(csl("train", *common, "run.name=resized", "cluster.max_failures=0", "cluster.workers=1", record))
-    assert "resuming run 'resized' from" in p.stdout and "at 1 workers (written by 2)" in p.stdout
-    assert ("converted " in p.stdout) == (zero > 0)  # ZeRO-0's DeepSpeed file loads at any size
-    log = (tmp_path / "resized" / "logs" / "rank0.log").read_text()
+    shutil.copytree(killed, tmp_path, dirs_exist_ok=True)
+    p = ok(csl("train", *_common(data_root, tmp_path, 2), "run.name=killed", "cluster.max_failures=0",
+               "cluster.workers=1", f"debug.record_keys={tmp_path / 'keys'}", env=ray_env))
+    assert "resuming run 'killed' from" in p.stdout and "at 1 workers (written by 2)" in p.stdout
+    assert "converted " in p.stdout
+    log = (tmp_path / "killed" / "logs" / "rank0.log").read_text()
     assert "world size 2 -> 1: per-worker batch 16, grad_accum 2 (global batch 32" in log
-    a, b = latest_ckpt(straight / "straight"), latest_ckpt(tmp_path / "resized")
+    a, b = latest_ckpt(straight / "straight"), latest_ckpt(tmp_path / "killed")
     assert a.name == b.name == "checkpoint_00000016"
     _assert_each_sample_once_per_epoch(_keys_per_epoch(tmp_path / "keys", 4))
     wa, wb = load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))
     diff = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if "running" not in k and "num_batches" not in k)
     assert "bn1.bias" in wa and diff <= 1e-5, f"parameters differ by {diff}"
     ea = json.loads((straight / "straight" / "eval.json").read_text())
-    eb = json.loads((tmp_path / "resized" / "eval.json").read_text())
-    print(f"zero {zero}: max weight diff {diff:.2e}, map_c {ea['map_c']:.3f} vs {eb['map_c']:.3f}")
+    eb = json.loads((tmp_path / "killed" / "eval.json").read_text())
+    print(f"max weight diff {diff:.2e}, map_c {ea['map_c']:.3f} vs {eb['map_c']:.3f}")
     assert abs(ea["map_c"] - eb["map_c"]) <= 3.0
 
 
 @pytest.mark.integration
-def test_worker_failure_resumes_and_another_world_size_or_schedule_is_refused(data_root, tmp_path):
+def test_worker_failure_resumes_and_another_world_size_or_schedule_is_refused(data_root, tmp_path, ray_env):
     marker = tmp_path / "fired"
     args = ["--config", "synthetic-cpu", *BASE, f"data.root={data_root}", "train.max_steps=8", "checkpoint.every_steps=3",
             f"run.storage={tmp_path}", "run.name=flaky", "cluster.max_failures=1", "deepspeed.zero_stage=0",
             "debug.fault_step=5", "debug.fault_rank=1", f"debug.fault_marker={marker}",
             "cluster.min_workers=1", f"debug.record_keys={tmp_path / 'keys'}"]  # an elastic group (1..2 workers)
-    p = ok(csl("train", *args))
+    p = ok(csl("train", *args, env=ray_env))
     epoch0 = _keys_per_epoch(tmp_path / "keys", 3)[0]  # one epoch: 8 steps of 32
     assert set(epoch0.values()) == {1} and len(epoch0) == 256
     assert marker.read_text().startswith("rank 1 killed at step 5")
