@@ -342,30 +342,38 @@ def test_engine_ema_follows_the_weights(stage: int) -> None:
 # -- two ranks (gloo, spawned processes; still no Ray) ----------------------------------
 
 
-def _two_rank_worker(rank: int, port: int, stage: int, ckpt: str, queue) -> None:
+STAGES = (0, 2, 3)
+
+
+def _two_rank_worker(rank: int, port: int, folder: str, queue) -> None:
+    """Every stage in one pair of processes (their start and imports are most of the cost)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    cfg = _cfg(f"deepspeed.zero_stage={stage}", "train.precision=bf16")
-    torch.manual_seed(0)
-    a = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=2, total_steps=20)
-    _train(a, _batches(4, seed=rank))  # each rank its own data: BN statistics differ
-    a.save(ckpt, "t", {"rank": rank})
-    a.save_ema(os.path.join(ckpt, f"ema-{rank}.safetensors"))
-    saved = a.consolidated_state_dict()
-    torch.manual_seed(1)
-    b = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=2, total_steps=20)
-    client = b.load(ckpt, "t", ema_path=os.path.join(ckpt, f"ema-{rank}.safetensors"))
-    restored = b.consolidated_state_dict()
-    torch.save(saved, os.path.join(ckpt, f"consolidated-{rank}.pt"))  # tensors do not survive the queue
-    queue.put((rank, client,
-               all(torch.equal(saved[k], restored[k]) for k in saved),
-               all(torch.equal(a.ema.weights[k], b.ema.weights[k]) for k in a.ema.weights)))
+    for stage in STAGES:
+        ckpt = os.path.join(folder, f"zero{stage}")
+        cfg = _cfg(f"deepspeed.zero_stage={stage}", "train.precision=bf16")
+        torch.manual_seed(0)
+        a = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=2, total_steps=20)
+        _train(a, _batches(4, seed=rank))  # each rank its own data: BN statistics differ
+        a.save(ckpt, "t", {"rank": rank})
+        a.save_ema(os.path.join(ckpt, f"ema-{rank}.safetensors"))
+        saved = a.consolidated_state_dict()
+        torch.manual_seed(1)
+        b = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=2, total_steps=20)
+        client = b.load(ckpt, "t", ema_path=os.path.join(ckpt, f"ema-{rank}.safetensors"))
+        restored = b.consolidated_state_dict()
+        torch.save(saved, os.path.join(ckpt, f"consolidated-{rank}.pt"))  # tensors do not survive the queue
+        queue.put((stage, rank, client,
+                   all(torch.equal(saved[k], restored[k]) for k in saved),
+                   all(torch.equal(a.ema.weights[k], b.ema.weights[k]) for k in a.ema.weights)))
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_two_ranks_save_load_per_rank_state(tmp_path, stage: int) -> None:
+def test_two_ranks_save_load_per_rank_state(tmp_path) -> None:
+    """At ZeRO 0, 2 and 3 with two gloo ranks: each rank gets its own client state back and
+    restores the weights and EMA exactly; and ZeRO 0's file (DeepSpeed's own layout, not cut
+    by rank) loads into one rank, the elastic resume's path at that stage."""
     import socket
 
     import torch.multiprocessing as mp
@@ -375,24 +383,26 @@ def test_two_ranks_save_load_per_rank_state(tmp_path, stage: int) -> None:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, stage, str(tmp_path), queue)) for r in range(2)]
+    procs = [ctx.Process(target=_two_rank_worker, args=(r, port, str(tmp_path), queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted((queue.get(timeout=240) for _ in procs), key=lambda r: r[0])
+    results = sorted((queue.get(timeout=300) for _ in range(2 * len(STAGES))), key=lambda r: r[:2])
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
-    for rank, client, same_weights, same_ema in results:
-        assert client == {"rank": rank}  # each rank gets its own client state back
-        assert same_weights and same_ema
-    # after save, both ranks hold the same (averaged) BatchNorm statistics and weights
-    sd0, sd1 = (torch.load(tmp_path / f"consolidated-{r}.pt", weights_only=True) for r in range(2))
-    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)
-    if stage == 0:  # DeepSpeed's own ZeRO-0 file loads at another world size: the elastic resume's path
-        cfg = _cfg("deepspeed.zero_stage=0", "train.precision=bf16")
-        one = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=1, total_steps=20)
-        assert one.load(str(tmp_path), "t", ema_path=str(tmp_path / "ema-0.safetensors")) == {"rank": 0}
-        got = one.consolidated_state_dict()
-        assert all(torch.equal(sd0[k], got[k]) for k in sd0)
-        tensors, meta = one.portable_state()  # Adam's moments exist only once loaded (or stepped)
-        assert meta["global_steps"] == 4 and {"exp_avg", "exp_avg_sq"} <= {k.split("/")[0] for k in tensors}
+    assert [r[:2] for r in results] == [(stage, rank) for stage in STAGES for rank in (0, 1)]
+    for stage, rank, client, same_weights, same_ema in results:
+        assert client == {"rank": rank}, stage  # each rank gets its own client state back
+        assert same_weights and same_ema, stage
+    for stage in STAGES:  # after save, both ranks hold the same (averaged) BatchNorm statistics and weights
+        sd0, sd1 = (torch.load(tmp_path / f"zero{stage}" / f"consolidated-{r}.pt", weights_only=True) for r in range(2))
+        assert all(torch.equal(sd0[k], sd1[k]) for k in sd0), stage
+
+    cfg = _cfg("deepspeed.zero_stage=0", "train.precision=bf16")
+    one = setup_engine(build_model(cfg.model, CLASSES), cfg, world_size=1, total_steps=20)
+    ckpt = tmp_path / "zero0"
+    assert one.load(str(ckpt), "t", ema_path=str(ckpt / "ema-0.safetensors")) == {"rank": 0}
+    sd0, got = torch.load(ckpt / "consolidated-0.pt", weights_only=True), one.consolidated_state_dict()
+    assert all(torch.equal(sd0[k], got[k]) for k in sd0)
+    tensors, meta = one.portable_state()  # Adam's moments exist only once loaded (or stepped)
+    assert meta["global_steps"] == 4 and {"exp_avg", "exp_avg_sq"} <= {k.split("/")[0] for k in tensors}

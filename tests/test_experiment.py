@@ -19,7 +19,7 @@ import pytest
 CSL = str(Path(sys.executable).with_name("csl"))
 TINY = ["--schemes", "rpa:0.5", "--losses", "ignore,csl-P", "--seeds", "0", "--train", "128",
         "--val", "32", "--image-size", "32", "--epochs", "1", "data.batch_size=16", "data.workers=0",
-        "checkpoint.every_steps=0", "deepspeed.zero_stage=0"]
+        "checkpoint.every_steps=0", "deepspeed.zero_stage=0", "cluster.workers=1"]  # two ranks: test_train.py
 
 
 def run(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -30,14 +30,15 @@ def test_demo_at_reduced_size(tmp_path):
     rerun checks the pipeline's resume (every stage skipped, nothing retrained)."""
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--train", "192", "--val", "48", "--image-size", "32", "--epochs", "1",
-            "data.batch_size=16", "data.workers=0", "checkpoint.every_steps=0", "deepspeed.zero_stage=0"]
+            "data.batch_size=16", "data.workers=0", "checkpoint.every_steps=0", "deepspeed.zero_stage=0",
+            "cluster.workers=1"]  # two ranks: test_train.py
     run(*args)
     res = json.loads((out / "results.json").read_text())
     assert list(res["modes"]) == ["ignore", "negative", "selective"]
     for mode in res["modes"].values():
         assert 0 <= mode["map_c"] <= 100 and 0 <= mode["map_o"] <= 100
     assert {"spearman_vs_truth", "spearman_counts_vs_truth", "spearman_negative_model_vs_truth"} <= set(res["prior"])
-    assert res["seconds"] > 0
+    assert res["seconds"] > 0 and res["config"]["workers"] == 1
     errors = res["prior"]["ignore_errors"]
     assert len(errors["most_overestimated"]) == 5 and "error_vs_annotation_skew" in errors
     report = (out / "report.md").read_text()

@@ -1,8 +1,9 @@
 """`csl train` for real: a local Ray cluster (2 CPU workers), DeepSpeed on gloo, tiny data.
 
-Each run is a `csl` subprocess. The smoke test's starts (and, at exit, stops) its own local
-Ray, exactly as a user's command on one machine would; the others join the session's Ray head
-through RAY_ADDRESS (`conftest.ray_head`), as a submitted job's driver joins a cluster.
+Each run is a `csl` subprocess that joins the session's Ray head through RAY_ADDRESS
+(`conftest.ray_head`), as a submitted job's driver joins a cluster (`csl demo`'s test and
+`test_local_ray.py` cover the local cluster a command starts on its own). The commands that
+read a finished run (export, eval, predict) run in this process through the CLI's `main`.
 Failures are injected with `debug.fault_step` (a worker SIGKILLs itself after a given step,
 once) and samples are traced with `debug.record_keys`: config overrides that reach the workers
 with the rest of the config.
@@ -73,10 +74,22 @@ def assert_quiet_console(p: subprocess.CompletedProcess) -> list[str]:
     return [ln for ln in p.stdout.splitlines() if ln.startswith("step ")]
 
 
+def cli(capsys, *argv: str) -> str:
+    """`csl ARGV` in this process; its stdout, once it exited 0."""
+    from trainer.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    assert not e.value.code, f"rc={e.value.code}\n{out[-3000:]}\n{err[-3000:]}"
+    return out
+
+
 @pytest.mark.integration
-def test_smoke_train_export_eval_predict(data_root, tmp_path, openimages_dir):
+def test_smoke_train_export_eval_predict(data_root, tmp_path, openimages_dir, ray_env, capsys):
     p = ok(csl("train", "--config", "synthetic-cpu", *BASE, f"data.root={data_root}", "train.max_steps=6",
-               "checkpoint.every_steps=3", f"run.storage={tmp_path}", "run.name=smoke", "deepspeed.zero_stage=2"))
+               "checkpoint.every_steps=3", f"run.storage={tmp_path}", "run.name=smoke", "deepspeed.zero_stage=2",
+               env=ray_env))
     run = tmp_path / "smoke"
     progress = assert_quiet_console(p)
     assert [ln.split(" | ")[0] for ln in progress] == ["step 2/6", "step 4/6", "step 6/6"]
@@ -98,23 +111,21 @@ def test_smoke_train_export_eval_predict(data_root, tmp_path, openimages_dir):
     assert (ckpt / "model.safetensors").exists() and (ckpt / "ds").is_dir()
 
     out = tmp_path / "export" / "model.safetensors"
-    ok(csl("export", "--checkpoint", str(run), "--out", str(out), "--weights", "model"))
+    cli(capsys, "export", "--checkpoint", str(run), "--out", str(out), "--weights", "model")
     sd = load_file(str(out))
     assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
     classes = json.loads(out.with_suffix("").with_suffix(".classes.json").read_text())
     assert sd["fc.weight"].shape[0] == len(classes) == 31
 
-    p = ok(csl("eval", "--checkpoint", str(run), "--data", data_root, "--json", "--workers", "0"))
-    res = json.loads(p.stdout)
+    res = json.loads(cli(capsys, "eval", "--checkpoint", str(run), "--data", data_root, "--json", "--workers", "0"))
     assert res["step"] == 6 and res["samples"] == 64 and res["map_c"] == pytest.approx(ev["ema_map_c"], abs=1e-6)
 
     photo = sorted(openimages_dir.glob("images/*.jpg"))[0]
-    p = ok(csl("predict", "--checkpoint", str(run), str(photo), "--top-k", "3", "--json"))
-    top = json.loads(p.stdout)[0]["top"]
+    top = json.loads(cli(capsys, "predict", "--checkpoint", str(run), str(photo), "--top-k", "3", "--json"))[0]["top"]
     assert len(top) == 3 and all(t["name"] for t in top)
 
 
-def _keys_per_epoch(folder: Path, resume_step: int | None) -> dict[int, Counter]:
+def keys_per_epoch(folder: Path, resume_step: int | None) -> dict[int, Counter]:
     """Samples that fed kept optimizer steps: a killed attempt's steps after the checkpoint
     it resumes from were redone, so they do not count."""
     rows = [ln.split() for f in folder.glob("rank*.txt") for ln in f.read_text().splitlines()]
@@ -176,7 +187,7 @@ def test_exact_resume_after_kill(data_root, straight, killed, tmp_path, ray_env)
         assert diff <= 1e-5, f"{f}: max abs difference {diff}"
 
     all_keys = None
-    for keys in (_keys_per_epoch(straight / "keys_a", None), _keys_per_epoch(tmp_path / "keys", 4)):
+    for keys in (keys_per_epoch(straight / "keys_a", None), keys_per_epoch(tmp_path / "keys", 4)):
         assert sorted(keys) == [0, 1]
         for epoch, counts in keys.items():
             assert set(counts.values()) == {1}, f"epoch {epoch}: some sample seen twice"
@@ -195,7 +206,7 @@ def test_resume_at_another_world_size(data_root, straight, killed, tmp_path, ray
     """Killed after the step-4 checkpoint at 2 workers, resumed by the same command with
     cluster.workers=1: ZeRO 2's state is cut by rank, so the driver first converts it to the
     world-size-free layout (at ZeRO 0, DeepSpeed's own file loads at any size:
-    `test_engine.test_two_ranks_save_load_per_rank_state[0]`). Each rank's lane is now a
+    `test_engine.test_two_ranks_save_load_per_rank_state`). Each rank's lane is now a
     micro-step of one worker (grad_accum 2), so the
     run takes the uninterrupted run's steps over the same samples per step. The parameters
     come out equal (within 1e-5: (g1 + g2) / 2 is what two ranks average, and halving is exact
@@ -211,7 +222,7 @@ def test_resume_at_another_world_size(data_root, straight, killed, tmp_path, ray
     assert "world size 2 -> 1: per-worker batch 16, grad_accum 2 (global batch 32" in log
     a, b = latest_ckpt(straight / "straight"), latest_ckpt(tmp_path / "killed")
     assert a.name == b.name == "checkpoint_00000016"
-    _assert_each_sample_once_per_epoch(_keys_per_epoch(tmp_path / "keys", 4))
+    _assert_each_sample_once_per_epoch(keys_per_epoch(tmp_path / "keys", 4))
     wa, wb = load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))
     diff = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if "running" not in k and "num_batches" not in k)
     assert "bn1.bias" in wa and diff <= 1e-5, f"parameters differ by {diff}"
@@ -229,7 +240,7 @@ def test_worker_failure_resumes_and_another_world_size_or_schedule_is_refused(da
             "debug.fault_step=5", "debug.fault_rank=1", f"debug.fault_marker={marker}",
             "cluster.min_workers=1", f"debug.record_keys={tmp_path / 'keys'}"]  # an elastic group (1..2 workers)
     p = ok(csl("train", *args, env=ray_env))
-    epoch0 = _keys_per_epoch(tmp_path / "keys", 3)[0]  # one epoch: 8 steps of 32
+    epoch0 = keys_per_epoch(tmp_path / "keys", 3)[0]  # one epoch: 8 steps of 32
     assert set(epoch0.values()) == {1} and len(epoch0) == 256
     assert marker.read_text().startswith("rank 1 killed at step 5")
     assert "resumed at step 3" in (tmp_path / "flaky" / "logs" / "rank0.log").read_text()

@@ -230,7 +230,7 @@ def run_demo(out: str = "demo_out", *, train: int = 4000, val: int = 1000, image
         "weights": "EMA" if key else "model",
         "data": {"train": manifest.split("train").samples, "val": manifest.split("val").samples,
                  "classes": manifest.num_classes, "image_size": image_size, "scheme": "openimages"},
-        "config": {"epochs": epochs, "workers": workers, "zero_stage": base.deepspeed.zero_stage,
+        "config": {"epochs": epochs, "workers": base.cluster.workers, "zero_stage": base.deepspeed.zero_stage,
                    "batch_size": base.data.batch_size, "seed": seed},
         "seconds": round(time.time() - t0, 1),
     }
