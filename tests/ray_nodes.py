@@ -7,13 +7,13 @@ Isolation, because other tests and engineers may run Ray on this machine at the 
 - each node has its own short `--temp-dir` (a Unix socket path must stay under ~107 bytes);
 - each node runs under `ray start --block` in a process this module owns, in its own session.
   `ray stop` is never called: it stops *every* Ray process on the machine. Tear-down sends
-  SIGTERM to the session, then kills survivors: by PID where the command line names the
-  node's temp dir, and by the process group (the dashboard and runtime-env agents rename
-  themselves `ray::DashboardAgent` and were seen outliving the raylet).
+  SIGTERM to the session, then SIGKILL to survivors: those in the node's session (workers and
+  agents rename themselves `ray::...` and were seen outliving the raylet) and those whose
+  command line names the node's temp dir. A node loss is the same SIGKILL without the SIGTERM.
 - `ray start` (Ray 2.60) turns token authentication on whenever a token exists in
-  `~/.ray/auth_token` (one does on this machine). The cluster gets its own random token,
-  passed as `RAY_AUTH_TOKEN` to its nodes and to the drivers the tests start, so nothing here
-  reads or writes the user's token.
+  `~/.ray/auth_token` (one does on this machine). The cluster gets its own token (random, or
+  the test session's: `conftest.ray_head`), passed as `RAY_AUTH_TOKEN` to its nodes and to the
+  drivers the tests start, so nothing here reads or writes the user's token.
 
 The second node is what a machine of a real cluster is: it shares the network and the
 installed code, not the disk. `unshare -m` gives it a private /tmp, /dev/shm and /var/tmp
@@ -108,36 +108,20 @@ class Node:
         self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        # Throwaway: SIGTERM to the whole session we created (only ours), a short grace, then
-        # SIGKILL. Waiting for `ray start --block` to wind down alone took 30-50 s.
+        """Throwaway: SIGTERM to the session we created (only ours), 3 s of grace, then SIGKILL
+        to whatever is left (waiting for `ray start --block` to wind down alone took 30-50 s),
+        and its temp dir removed (the head's is on this machine's /tmp; node 2's went with its
+        namespace)."""
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        deadline = time.time() + 5
-        while time.time() < deadline:
-            try:
-                os.killpg(self.proc.pid, 0)
-                group_alive = True
-            except (ProcessLookupError, PermissionError):
-                group_alive = False
-            if not _pids_naming(self.temp_dir) and not group_alive:
-                return
-            time.sleep(1)
-        for pid in _pids_naming(self.temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group is the session we created: only ours
-        except (ProcessLookupError, PermissionError):
             pass
+        self.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @dataclass

@@ -287,9 +287,12 @@ class DebugConfig(_Section):
     """Aids for failure and exactly-once tests, all off by default. They reach the workers inside
     the config like every other setting (no environment variables read by workers)."""
 
-    fault_step: StrictInt | None = Field(None, ge=1, description="SIGKILL rank `fault_rank` right after this "
-                                         "optimizer step, once; needs fault_marker")
-    fault_rank: StrictInt = Field(0, ge=0, description="the rank fault_step kills (a rank the run lacks: none)")
+    fault_step: StrictInt | None = Field(None, ge=1, description="stop rank `fault_rank` right after this "
+                                         "optimizer step, once (see fault_action); needs fault_marker")
+    fault_rank: StrictInt = Field(0, ge=0, description="the rank fault_step stops (a rank the run lacks: none)")
+    fault_action: Literal["kill", "hold"] = Field(
+        "kill", description="'kill': the rank SIGKILLs itself; 'hold': it waits there (up to 10 min, then trains on) "
+        "while the test takes its node or a peer's down from outside, as when a machine is lost")
     fault_marker: str | None = Field(None, description="local file written as the fault fires; while it exists the "
                                      "fault does not fire again, so the restarted worker trains on")
     # Ray's controller registers a reported checkpoint at its next poll of the workers (every

@@ -177,10 +177,15 @@ class DriverConsole:
 
     def start(self) -> Any:
         """Create the queue (an actor that reserves no CPU) and drain it in a thread; returns it,
-        for the workers' `progress_sink` and the controller's `console_callback`."""
+        for the workers' `progress_sink` and the controller's `console_callback`. The queue is
+        pinned to this driver's node: anywhere else, losing that node would silence the console
+        (the failure line and all progress after it) while training went on."""
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self._queue = Queue(actor_options={"num_cpus": 0})
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._thread = threading.Thread(target=self._drain, name="csl-console", daemon=True)
         self._thread.start()
         return self._queue

@@ -120,10 +120,14 @@ class _RunLog:
             self._tb.close()
 
 
+_HOLD_S = 600.0  # debug.fault_action=hold: long enough for any node-loss test, bounded if nothing comes
+
+
 def _fault_hook(debug: DebugConfig, rank: int) -> Callable[[int], None]:
-    """`debug.fault_step`: that rank SIGKILLs itself right after that optimizer step, once (the
-    marker file records that it fired, so the restarted worker trains on), after
-    `debug.fault_delay_s` (see its description). Off, it costs one comparison per step."""
+    """`debug.fault_step`: that rank SIGKILLs itself (or holds, `debug.fault_action`) right after
+    that optimizer step, once (the marker file records that it fired, so the restarted worker
+    trains on), after `debug.fault_delay_s` (see its description). Off, it costs one
+    comparison per step."""
     if debug.fault_step is None or rank != debug.fault_rank:
         return lambda step: None
     marker = debug.fault_marker
@@ -132,8 +136,12 @@ def _fault_hook(debug: DebugConfig, rank: int) -> Callable[[int], None]:
     def hook(step: int) -> None:
         if step == debug.fault_step and not os.path.exists(marker):
             time.sleep(debug.fault_delay_s)
+            hold = debug.fault_action == "hold"
             with open(marker, "w") as f:
-                f.write(f"rank {rank} killed at step {step}\n")
+                f.write(f"rank {rank} {'held' if hold else 'killed'} at step {step}\n")
+            if hold:
+                time.sleep(_HOLD_S)
+                return
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
