@@ -1,7 +1,7 @@
-"""Benchmark: start to first step on 2 nodes against 1, and checkpoint upload from the node that
-does not hold the run folder.
+"""Benchmark: start to first step on 2 nodes against 1, checkpoint upload from the node that
+does not hold the run folder, and what a node loss costs.
 
-    .venv/bin/python bench/multinode.py [--upload-mb 256]
+    .venv/bin/python bench/multinode.py [--upload-mb 256] [--no-node-loss]
 
 Both clusters are private Ray clusters on this machine (`tests/ray_nodes.py`): one node with
 2 CPUs, and a head plus a second node on 127.0.0.2 in its own mount namespace with 1 CPU
@@ -12,6 +12,11 @@ node layout. Measured:
   2 workers; the ratio 2 nodes / 1 node;
 - seconds per GB for a checkpoint-sized upload to the run storage from a task pinned to the
   second node (fsspec `put` from its private /tmp, the way a rank's files leave its node).
+- a node loss, with Ray's and Ray Train's default timeouts (what a user's cluster has): a run
+  at `cluster.min_workers=1` holds rank 1 after step 7 (`debug.fault_action=hold`), every
+  process of node 2 is SIGKILLed, and the seconds from the loss to the driver's failure
+  line, to the first step after the restart (at one worker) and to the run's end are read
+  off the driver's console.
 The S3 server is moto in this process's machine, single-threaded Python: the upload figure is
 this bench's S3, not AWS's; the start-up ratio is the point.
 """
@@ -46,6 +51,37 @@ def _first_step_s(env: dict[str, str], data: str, storage: str, name: str) -> fl
     if proc.wait() != 0 or first is None:
         raise RuntimeError(f"csl train failed (rc {proc.returncode}):\n{err[-3000:]}")
     return first
+
+
+def _node_loss(cluster, data: str, storage: str) -> dict[str, float]:
+    import tempfile
+
+    from ray_nodes import shared_scratch
+
+    marker = os.path.join(tempfile.mkdtemp(prefix="bench-", dir=shared_scratch()), "held")
+    args = [CSL, "train", "--config", "synthetic-cpu", "data.image_size=32", "data.batch_size=16", "data.workers=0",
+            "train.log_every=1", "train.max_steps=8", "checkpoint.every_steps=3", "cluster.workers=2",
+            "cluster.cpus_per_worker=1", "cluster.min_workers=1", "cluster.max_failures=1", "deepspeed.zero_stage=1",
+            "debug.fault_step=7", "debug.fault_rank=1", "debug.fault_action=hold", f"debug.fault_marker={marker}",
+            f"data.root={data}", f"run.storage={storage}", "run.name=node-loss"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
+    while not os.path.exists(marker):
+        if proc.poll() is not None:
+            raise RuntimeError(f"csl train ended before the hold: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.1)
+    t0 = time.perf_counter()
+    cluster.lose_node(cluster.nodes[1])
+    out: dict[str, float] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("worker failure") and "failure line" not in out:
+            out["failure line"] = time.perf_counter() - t0
+        elif line.startswith("step 8/") and "first step after the restart" not in out:
+            out["first step after the restart"] = time.perf_counter() - t0
+    if proc.wait() != 0 or len(out) < 2:
+        raise RuntimeError(f"csl train failed (rc {proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+    out["run's end"] = time.perf_counter() - t0
+    return out
 
 
 def _upload_s_per_gb(env: dict[str, str], url: str, mb: int) -> float:
@@ -88,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--upload-mb", type=int, default=256)
+    ap.add_argument("--no-node-loss", dest="node_loss", action="store_false", help="skip the node-loss run")
     args = ap.parse_args(argv)
     why = namespaces_allowed()
     if why:
@@ -117,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                 if second:
                     s = _upload_s_per_gb(cluster.env, f"s3://{bucket}/upload/probe.bin", args.upload_mb)
                     print(f"  checkpoint-sized upload ({args.upload_mb} MB) from the second node to S3: {s:.1f} s/GB")
+                    if args.node_loss:
+                        loss = _node_loss(cluster, data, f"s3://{bucket}/runs")
+                        print("  node loss (default timeouts), seconds after it: "
+                              + ", ".join(f"{k} {v:.1f}" for k, v in loss.items()), flush=True)
             finally:
                 cluster.stop()
     finally:
