@@ -54,7 +54,8 @@ def test_demo_at_reduced_size(tmp_path):
     cfg = (root / "stage3-selective" / "config.yaml").read_text()
     assert "name: csl" in cfg and "stage2-prior/priors.csv" in cfg
     assert "name: negative" in (root / "negative" / "config.yaml").read_text()
-    summary = json.loads((root / "pipeline.json").read_text())
+    summary_text = (root / "pipeline.json").read_text()
+    summary = json.loads(summary_text)
     assert summary["prior"]["samples"] == 192 and summary["final_loss"] == "csl"
 
     again = run(*args).stdout
@@ -62,6 +63,7 @@ def test_demo_at_reduced_size(tmp_path):
     assert "training '" not in again and "starting run" not in again and "prior pass with" not in again, again
     assert "Ray" not in again  # nothing to run: no cluster started
     assert json.loads((out / "results.json").read_text())["modes"] == res["modes"]
+    assert (root / "pipeline.json").read_text() == summary_text  # the rerun keeps the working run's summary
 
 
 def test_prior_errors_follow_the_annotation_skew():

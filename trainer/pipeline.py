@@ -110,10 +110,15 @@ def run_pipeline(cfg: Config, *, prior_actors: int | None = None, final_loss: st
     prior_info = prior_stage(ignore_cfg, priors_csv, "stage 2/3", actors=prior_actors, verbose=verbose)
 
     final_cfg = stage_config(cfg, root, STAGE3, loss_name=final_loss, prior_path=priors_csv)
+    summary_path = join(root, "pipeline.json")
+    was_done = exists(summary_path) and training_done(final_cfg) is not None  # a rerun: every stage skips
     final_eval = train_stage(final_cfg, "stage 3/3", verbose)
     summary = {"run_dir": root, "ignore": ignore_eval, "prior": {k: v for k, v in prior_info.items() if k != "top"},
                "final_loss": final_loss, "final": final_eval, "seconds": round(time.time() - t0, 1)}
-    write_bytes_atomic(join(root, "pipeline.json"), json.dumps(summary, indent=1).encode())
+    if was_done:  # keep the time of the run that did the work, not this rerun's
+        summary["seconds"] = json.loads(read_bytes(summary_path)).get("seconds", summary["seconds"])
+    else:
+        write_bytes_atomic(summary_path, json.dumps(summary, indent=1).encode())
     print(f"[pipeline] done in {summary['seconds']}s: Ignore mAP(C) {ignore_eval.get('map_c', float('nan')):.2f}, "
           f"{final_loss} mAP(C) {final_eval.get('map_c', float('nan')):.2f}", flush=True)
     return summary
