@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/csl demo
 
-# Two pytest workers: integration tests run one at a time in one lane (each sizes its Ray
-# cluster for the machine), unit tests beside them in the other (tests/conftest.py).
+# Three pytest workers on 2 cores: the single-node integration tests one at a time in one
+# lane (each sizes its Ray cluster for the machine), the two-node tests in another, unit
+# tests beside them (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --durations=25
 
 test-unit: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not integration"

@@ -20,12 +20,19 @@ SHARED_OPENIMAGES = REPO.parent / "shared" / "data" / "openimages"
 
 
 def pytest_itemcollected(item):
-    """Two lanes under `pytest -n 2 --dist loadgroup` (the Makefile's): every integration test
-    in one lane, one at a time, because each sizes its local Ray cluster or gloo group for the
-    machine's 2 CPUs; the unit tests in the other, a file at a time so module fixtures are
-    built once. Marked as each item is collected, before any `pytest_collection_modifyitems`
-    (where xdist turns the marks into groups). Without xdist the marks do nothing."""
-    lane = "integration" if item.get_closest_marker("integration") else item.nodeid.split("::")[0]
+    """Lanes under `pytest -n 3 --dist loadgroup` (the Makefile's): the single-node integration
+    tests in one lane, one at a time, because each sizes its Ray cluster or gloo group for the
+    machine's 2 CPUs; the two-node tests (`-m multinode`, their own cluster of 1 + 1 CPU, much
+    of their time spent waiting on Ray's start-up and failure detection) in a second; the unit
+    tests a file at a time (module fixtures built once) in whichever worker is free. Marked as
+    each item is collected, before any `pytest_collection_modifyitems` (where xdist turns the
+    marks into groups). Without xdist the marks do nothing."""
+    if item.get_closest_marker("multinode"):
+        lane = "multinode"
+    elif item.get_closest_marker("integration"):
+        lane = "integration"
+    else:
+        lane = item.nodeid.split("::")[0]
     item.add_marker(pytest.mark.xdist_group(lane))
 
 
