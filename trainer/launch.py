@@ -32,12 +32,18 @@ from .checkpoint import latest_checkpoint, read_state, weights_url
 from .config import Config, ConfigError
 from .preflight import check_nodes
 
-__all__ = ["run_dir_of", "launch", "check_inputs", "check_resumable", "ensure_ray"]
+__all__ = ["run_dir_of", "training_done", "launch", "check_inputs", "check_resumable", "ensure_ray"]
 
 
 def run_dir_of(cfg: Config) -> str:
     storage = cfg.run.storage if is_remote(cfg.run.storage) else os.path.abspath(cfg.run.storage)
     return join(storage, cfg.run.name)
+
+
+def training_done(cfg: Config) -> dict[str, Any] | None:
+    """The final eval of a finished training run, or None if it has not finished."""
+    path = join(run_dir_of(cfg), "eval.json")
+    return json.loads(read_bytes(path)) if exists(path) else None
 
 
 def _storage_for_ray(run_storage: str) -> tuple[str, Any]:
@@ -268,8 +274,7 @@ def launch(cfg: Config, verbose: bool = False) -> dict[str, Any]:
         # The same command after the run finished (a rerun pipeline, a restarted job): nothing
         # to train, so no cluster is joined and no worker started; eval.json stays as it was.
         print(f"run {cfg.run.name!r} already finished at step {start_step}: nothing to do", flush=True)
-        eval_path = join(run_dir, "eval.json")
-        return json.loads(read_bytes(eval_path)) if exists(eval_path) else {}
+        return training_done(cfg) or {}
     if resume_from:
         old, new = int(state["world_size"]), cfg.cluster.workers
         size = f" at {new} workers (written by {old})" if old != new else ""

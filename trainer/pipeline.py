@@ -29,7 +29,7 @@ from data_shards.storage import exists, join, read_bytes, write_bytes_atomic
 
 from .config import Config
 from .checkpoint import resolve_checkpoint
-from .launch import ensure_ray, launch, run_dir_of
+from .launch import ensure_ray, launch, run_dir_of, training_done
 
 __all__ = ["STAGE1", "STAGE2", "STAGE3", "stage_config", "training_done", "train_stage", "prior_stage",
            "prior_resources", "run_pipeline"]
@@ -46,12 +46,6 @@ def stage_config(cfg: Config, storage: str, name: str, **loss_and_prior: Any) ->
     if "prior_path" in loss_and_prior:
         out.prior.path = loss_and_prior["prior_path"]
     return out
-
-
-def training_done(cfg: Config) -> dict[str, Any] | None:
-    """The final eval of a finished training run, or None if it has not finished."""
-    path = join(run_dir_of(cfg), "eval.json")
-    return json.loads(read_bytes(path)) if exists(path) else None
 
 
 def train_stage(cfg: Config, label: str, verbose: bool = False) -> dict[str, Any]:
